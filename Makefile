@@ -1,0 +1,36 @@
+# Every target bootstraps .venv itself; `make demo` and `make test` need nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch; override on hosts that need another build.
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test lint typecheck demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=25"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@# CUDA-only builds of these fail to load beside the CPU torch, and transformers
+	@# imports them when present.
+	@! $(PY) -m pip show --quiet torchvision torchaudio torchcodec 2>/dev/null || \
+		{ echo "torchvision/torchaudio/torchcodec must not be in the CPU venv" >&2; exit 1; }
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check registry tuning serving tests loadtests
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

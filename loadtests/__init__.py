@@ -1,0 +1,1 @@
+"""Load tests and the benchmark harness (`make bench`). Never imported by tests/."""

@@ -1,0 +1,163 @@
+"""The registry's SQLite database: schema, write transactions and the revision counter.
+
+WAL mode lets readers run beside one writer; every write is a ``BEGIN IMMEDIATE``
+transaction, so read-modify-write sequences (next version number, alias moves) of several
+processes serialize instead of losing updates. Each write transaction that changes anything
+bumps the revision, the change feed that servers poll.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from registry.errors import RegistryBusy
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS registry (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    schema_version INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    max_rank INTEGER NOT NULL,
+    base_fingerprint TEXT NOT NULL,
+    base TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    adapter TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'archived')),
+    created_at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    base_fingerprint TEXT NOT NULL,
+    target_modules TEXT NOT NULL,
+    features TEXT NOT NULL,
+    unservable TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    archived_at TEXT,
+    purged INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (adapter, version),
+    UNIQUE (adapter, digest)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    adapter TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    weight REAL,
+    updated_at TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (adapter, alias),
+    FOREIGN KEY (adapter, version) REFERENCES versions (adapter, version)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    action TEXT NOT NULL,
+    adapter TEXT,
+    version INTEGER,
+    alias TEXT,
+    previous INTEGER,
+    weight REAL,
+    -- for alias events: the event whose holder a rollback returns to
+    below INTEGER REFERENCES events (id)
+);
+CREATE INDEX IF NOT EXISTS events_by_alias ON events (adapter, alias, id);
+"""
+
+SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+class Transaction:
+    """An open write transaction; `revision` bumps the counter once, on first use."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._revision: int | None = None
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    @property
+    def revision(self) -> int:
+        if self._revision is None:
+            row = self.conn.execute(
+                "UPDATE registry SET revision = revision + 1 WHERE id = 1 RETURNING revision"
+            ).fetchone()
+            assert row is not None, "registry row missing"
+            self._revision = int(row[0])
+        return self._revision
+
+
+class Database:
+    """One SQLite connection, shared by the threads of a process under a lock."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        with self._busy_errors("open"):
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _busy_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as err:
+            if getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY_CODES:
+                raise RegistryBusy(
+                    f"registry database {self.path} stayed locked by another process for more "
+                    f"than {self.busy_timeout_s:g} s during {what}; retry, or find the process "
+                    "holding it (fuser registry.db)"
+                ) from err
+            raise
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run a read-only statement and return all rows."""
+        with self._lock, self._busy_errors("a read"):
+            return self._conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def write(self, what: str = "a write") -> Iterator[Transaction]:
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
+        with self._lock:
+            with self._busy_errors(what):
+                self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            with self._busy_errors(what):
+                self._conn.execute("COMMIT")
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own integrity check; an empty list when the file is sound."""
+        rows = self.query("PRAGMA integrity_check")
+        problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        problems += [
+            f"foreign key violation in {r[0]}" for r in self.query("PRAGMA foreign_key_check")
+        ]
+        return problems

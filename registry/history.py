@@ -1,0 +1,81 @@
+"""The registry's history: one append-only sequence of events, written inside the same
+transaction as the change it records.
+
+Alias events keep a `below` pointer to the event whose holder a rollback returns to, so
+repeated rollbacks walk back through earlier holders instead of toggling between two.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+from registry.database import Transaction
+from registry.records import Event
+
+ALIAS_ACTIONS = ("alias.set", "alias.rollback", "alias.remove")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def insert_event(
+    txn: Transaction,
+    *,
+    actor: str,
+    reason: str,
+    action: str,
+    adapter: str | None = None,
+    version: int | None = None,
+    alias: str | None = None,
+    previous: int | None = None,
+    weight: float | None = None,
+    below: int | None = None,
+) -> int:
+    """Append an event at the transaction's revision; return its id."""
+    cur = txn.execute(
+        "INSERT INTO events (revision, at, actor, reason, action, adapter, version, alias,"
+        " previous, weight, below) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            txn.revision,
+            utc_now(),
+            actor,
+            reason,
+            action,
+            adapter,
+            version,
+            alias,
+            previous,
+            weight,
+            below,
+        ),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def event_from_row(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        revision=row["revision"],
+        at=row["at"],
+        actor=row["actor"],
+        reason=row["reason"],
+        action=row["action"],
+        adapter=row["adapter"],
+        version=row["version"],
+        alias=row["alias"],
+        previous=row["previous"],
+        weight=row["weight"],
+    )
+
+
+def alias_head(txn: Transaction, adapter: str, alias: str) -> sqlite3.Row | None:
+    """The latest event of one alias (its current state), or None if it never existed."""
+    row: sqlite3.Row | None = txn.execute(
+        f"SELECT * FROM events WHERE adapter = ? AND alias = ? AND action IN "
+        f"({', '.join('?' * len(ALIAS_ACTIONS))}) ORDER BY id DESC LIMIT 1",
+        (adapter, alias, *ALIAS_ACTIONS),
+    ).fetchone()
+    return row

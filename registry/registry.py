@@ -1,0 +1,498 @@
+"""The adapter registry: versions, aliases, history and artifacts bound to one base model.
+
+register = validate -> hash -> copy to a temporary directory -> fsync -> rename into place
+-> one transaction. A version becomes visible only with that transaction's commit, so a kill
+at any point leaves no partial version; `fsck` finds and removes the unreferenced files a
+kill can leave. Alias moves are single transactions that also append to the history.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from registry import aliases, maintenance
+from registry.artifacts import ArtifactStore, LocalArtifactStore
+from registry.basemodel import BaseModelInfo, inspect_base
+from registry.database import SCHEMA_VERSION, Database, Transaction
+from registry.errors import (
+    AliasConflict,
+    AlreadyInitialized,
+    BaseMismatch,
+    DuplicateContent,
+    InvalidName,
+    LorafleetError,
+    NotFound,
+    NotInitialized,
+)
+from registry.faults import pause_point
+from registry.history import ALIAS_ACTIONS, event_from_row, insert_event, utc_now
+from registry.maintenance import FsckReport
+from registry.names import ModelRef, check_name, parse_model_ref
+from registry.records import (
+    METADATA_FILE,
+    AliasMove,
+    AliasRecord,
+    Event,
+    VersionMetadata,
+    VersionRecord,
+    load_metadata,
+)
+from registry.validation import AdapterReport, validate_adapter
+
+HOME_ENV = "LORAFLEET_HOME"
+ACTOR_ENV = "LORAFLEET_ACTOR"
+DB_FILE = "registry.db"
+DEFAULT_MAX_RANK = 64
+
+
+def default_home() -> Path:
+    """$LORAFLEET_HOME, else ~/.lorafleet."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".lorafleet").expanduser()
+
+
+def default_actor() -> str:
+    """$LORAFLEET_ACTOR, else user@host."""
+    return os.environ.get(ACTOR_ENV) or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+class Registry:
+    """A registry at `home` (default $LORAFLEET_HOME or ~/.lorafleet), created by `create`."""
+
+    def __init__(self, home: Path | str | None = None, *, busy_timeout_s: float = 30.0) -> None:
+        self.home = Path(home).expanduser() if home else default_home()
+        db_path = self.home / DB_FILE
+        missing = NotInitialized(
+            f"no registry at {self.home}; create one with `lorafleet registry init --base DIR` "
+            f"or point {HOME_ENV} (--home) at an existing one"
+        )
+        if not db_path.is_file():
+            raise missing
+        self.db = Database(db_path, busy_timeout_s)
+        rows = self.db.query("SELECT base FROM registry WHERE id = 1")
+        if not rows:
+            self.db.close()
+            raise missing
+        self.base = BaseModelInfo.from_dict(json.loads(rows[0]["base"]))
+        self.artifacts: ArtifactStore = LocalArtifactStore(self.home / "artifacts")
+
+    @classmethod
+    def create(
+        cls,
+        home: Path | str | None,
+        base_dir: Path | str,
+        *,
+        max_rank: int | None = None,
+        actor: str | None = None,
+        busy_timeout_s: float = 30.0,
+    ) -> Registry:
+        """Create a registry bound to `base_dir`'s fingerprint; idempotent for the same base.
+
+        On an existing registry of the same base, a different `max_rank` updates the limit.
+        """
+        if max_rank is not None and max_rank < 1:
+            raise LorafleetError(f"max rank {max_rank} is invalid: use an integer >= 1")
+        home_path = Path(home).expanduser() if home else default_home()
+        info = inspect_base(base_dir)
+        home_path.mkdir(parents=True, exist_ok=True)
+        actor = actor or default_actor()
+        db = Database(home_path / DB_FILE, busy_timeout_s)
+        try:
+            with db.write("init") as txn:
+                row = txn.execute(
+                    "SELECT base_fingerprint, max_rank FROM registry WHERE id = 1"
+                ).fetchone()
+                if row is None:
+                    txn.execute(
+                        "INSERT INTO registry VALUES (1, ?, 0, ?, ?, ?, ?)",
+                        (
+                            SCHEMA_VERSION,
+                            utc_now(),
+                            max_rank or DEFAULT_MAX_RANK,
+                            info.fingerprint,
+                            json.dumps(info.to_dict()),
+                        ),
+                    )
+                    insert_event(txn, actor=actor, reason=info.path, action="init")
+                elif row["base_fingerprint"] != info.fingerprint:
+                    raise AlreadyInitialized(
+                        f"registry at {home_path} is bound to base {row['base_fingerprint']}, "
+                        f"not {info.fingerprint} ({info.path}); use another --home "
+                        f"({HOME_ENV}) for that base"
+                    )
+                elif max_rank is not None and row["max_rank"] != max_rank:
+                    txn.execute("UPDATE registry SET max_rank = ? WHERE id = 1", (max_rank,))
+                    insert_event(
+                        txn,
+                        actor=actor,
+                        reason=f"max rank {row['max_rank']} -> {max_rank}",
+                        action="limits",
+                    )
+        finally:
+            db.close()
+        return cls(home_path, busy_timeout_s=busy_timeout_s)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- reading -------------------------------------------------------------------------
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.db.query("SELECT max_rank FROM registry WHERE id = 1")[0][0])
+
+    def revision(self) -> int:
+        """The change feed: increases with every write; cheap enough to poll."""
+        return int(self.db.query("SELECT revision FROM registry WHERE id = 1")[0][0])
+
+    def info(self) -> dict[str, Any]:
+        row = self.db.query("SELECT * FROM registry WHERE id = 1")[0]
+        counts = self.db.query(
+            "SELECT COUNT(DISTINCT adapter), COUNT(*), COALESCE(SUM(state = 'archived'), 0)"
+            " FROM versions"
+        )[0]
+        return {
+            "home": str(self.home),
+            "revision": row["revision"],
+            "created_at": row["created_at"],
+            "max_rank": row["max_rank"],
+            "base_fingerprint": self.base.fingerprint,
+            "base_path": self.base.path,
+            "base_model_type": self.base.model_type,
+            "adapters": counts[0],
+            "versions": counts[1],
+            "archived_versions": counts[2],
+        }
+
+    def _aliases_by_version(self, adapter: str) -> dict[int, list[str]]:
+        held: dict[int, list[str]] = {}
+        for row in self.db.query(
+            "SELECT alias, version FROM aliases WHERE adapter = ? ORDER BY alias", (adapter,)
+        ):
+            held.setdefault(row["version"], []).append(row["alias"])
+        return held
+
+    @staticmethod
+    def _version(row: sqlite3.Row, aliases: list[str]) -> VersionRecord:
+        return VersionRecord(
+            adapter=row["adapter"],
+            version=row["version"],
+            digest=row["digest"],
+            state=row["state"],
+            created_at=row["created_at"],
+            actor=row["actor"],
+            rank=row["rank"],
+            alpha=row["alpha"],
+            size_bytes=row["size_bytes"],
+            base_fingerprint=row["base_fingerprint"],
+            target_modules=json.loads(row["target_modules"]),
+            features=json.loads(row["features"]),
+            unservable=json.loads(row["unservable"]),
+            metadata=json.loads(row["metadata"]),
+            aliases=aliases,
+            archived_at=row["archived_at"],
+            purged=bool(row["purged"]),
+        )
+
+    def adapter_names(self) -> list[str]:
+        rows = self.db.query("SELECT DISTINCT adapter FROM versions ORDER BY adapter")
+        return [r[0] for r in rows]
+
+    def list_versions(self, adapter: str) -> list[VersionRecord]:
+        """All versions of `adapter`, oldest first; NotFound if it has none."""
+        check_name(adapter)
+        rows = self.db.query(
+            "SELECT * FROM versions WHERE adapter = ? ORDER BY version", (adapter,)
+        )
+        if not rows:
+            raise NotFound(self._unknown_adapter(adapter))
+        held = self._aliases_by_version(adapter)
+        return [self._version(r, held.get(r["version"], [])) for r in rows]
+
+    def _unknown_adapter(self, adapter: str) -> str:
+        names = self.adapter_names()
+        known = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "") if names else "none"
+        return f"no adapter named {adapter!r}; registered adapters: {known}"
+
+    def get_version(self, adapter: str, version: int) -> VersionRecord:
+        """One version; NotFound naming the versions that exist."""
+        for record in self.list_versions(adapter):
+            if record.version == version:
+                return record
+        have = ", ".join(str(r.version) for r in self.list_versions(adapter))
+        raise NotFound(f"adapter {adapter!r} has no version {version}; its versions: {have}")
+
+    def aliases(self, adapter: str | None = None) -> list[AliasRecord]:
+        sql = "SELECT * FROM aliases"
+        params: tuple[Any, ...] = ()
+        if adapter is not None:
+            sql, params = sql + " WHERE adapter = ?", (adapter,)
+        rows = self.db.query(sql + " ORDER BY adapter, alias", params)
+        return [
+            AliasRecord(
+                adapter=r["adapter"],
+                alias=r["alias"],
+                version=r["version"],
+                weight=r["weight"],
+                updated_at=r["updated_at"],
+                revision=r["revision"],
+            )
+            for r in rows
+        ]
+
+    def resolve(self, ref: str | ModelRef) -> VersionRecord:
+        """The version a reference (``NAME``, ``NAME:ALIAS``, ``NAME@VERSION``) points at."""
+        parsed = parse_model_ref(ref) if isinstance(ref, str) else ref
+        if parsed.adapter is None:
+            raise InvalidName("'base' is the base model, not an adapter version")
+        if parsed.version is not None:
+            return self.get_version(parsed.adapter, parsed.version)
+        versions = self.list_versions(parsed.adapter)
+        for record in versions:
+            if parsed.alias in record.aliases:
+                return record
+        held = [f"{a.alias} -> {a.version}" for a in self.aliases(parsed.adapter)]
+        raise NotFound(
+            f"adapter {parsed.adapter!r} has no alias {parsed.alias!r}; its aliases: "
+            f"{', '.join(held) or 'none'}; versions: "
+            f"{', '.join(str(r.version) for r in versions)} (use {parsed.adapter}@VERSION)"
+        )
+
+    def history(
+        self,
+        adapter: str | None = None,
+        alias: str | None = None,
+        *,
+        all_events: bool = False,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events oldest first: alias moves, or every write with `all_events`."""
+        where: list[str] = []
+        params: list[Any] = []
+        if not all_events:
+            where.append(f"action IN ({', '.join('?' * len(ALIAS_ACTIONS))})")
+            params += ALIAS_ACTIONS
+        if adapter is not None:
+            where.append("adapter = ?")
+            params.append(adapter)
+        if alias is not None:
+            where.append("alias = ?")
+            params.append(alias)
+        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        return [event_from_row(r) for r in reversed(self.db.query(sql, tuple(params)))]
+
+    def artifact_path(self, record: VersionRecord, *, verify: bool = True) -> Path:
+        """Directory of a version's files, checked against its sha256 unless verify=False."""
+        if record.purged:
+            raise NotFound(f"{record.ref} is archived and its files were removed by gc")
+        if verify:
+            self.artifacts.verify(record.digest)
+        return self.artifacts.path(record.digest)
+
+    # ---- register ------------------------------------------------------------------------
+
+    def register(
+        self,
+        adapter: str,
+        adapter_dir: Path | str,
+        *,
+        metadata: VersionMetadata | dict[str, Any] | Path | None = None,
+        actor: str | None = None,
+        reason: str = "",
+        assume_base: bool = False,
+    ) -> VersionRecord:
+        """Validate and store an adapter directory as the next version of `adapter`."""
+        check_name(adapter)
+        source = Path(adapter_dir).expanduser().absolute()
+        report = validate_adapter(source, self.base, self.max_rank)
+        meta = load_metadata(source, metadata)
+        meta.base_fingerprint = self._claimed_base(source, report, meta, assume_base)
+        digest, size = self.artifacts.digest_of(source)
+        self._refuse_duplicate(adapter, digest)
+        pause_point("register.validated")
+        actor = actor or default_actor()
+        with self.artifacts.lock(exclusive=False):
+            self.artifacts.put(source, digest)
+            pause_point("register.stored")
+            with self.db.write("register") as txn:
+                self._refuse_duplicate(adapter, digest, txn)
+                row = txn.execute(
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE adapter = ?",
+                    (adapter,),
+                ).fetchone()
+                version = int(row[0])
+                txn.execute(
+                    "INSERT INTO versions (adapter, version, digest, state, created_at, actor,"
+                    " rank, alpha, size_bytes, base_fingerprint, target_modules, features,"
+                    " unservable, metadata)"
+                    " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        adapter,
+                        version,
+                        digest,
+                        utc_now(),
+                        actor,
+                        report.rank,
+                        report.alpha,
+                        size,
+                        self.base.fingerprint,
+                        json.dumps(report.target_modules),
+                        json.dumps(report.features),
+                        json.dumps(report.unservable),
+                        meta.model_dump_json(),
+                    ),
+                )
+                insert_event(
+                    txn,
+                    actor=actor,
+                    reason=reason or str(source),
+                    action="register",
+                    adapter=adapter,
+                    version=version,
+                )
+                pause_point("register.committing")
+        return self.get_version(adapter, version)
+
+    def _refuse_duplicate(self, adapter: str, digest: str, txn: Transaction | None = None) -> None:
+        sql = "SELECT version, state FROM versions WHERE adapter = ? AND digest = ?"
+        rows = (
+            txn.execute(sql, (adapter, digest)).fetchall()
+            if txn
+            else self.db.query(sql, (adapter, digest))
+        )
+        if rows:
+            version, state = rows[0]["version"], rows[0]["state"]
+            raise DuplicateContent(
+                f"adapter {adapter!r} version {version} ({state}) already has this content "
+                f"(sha256 {digest[:12]}); nothing registered: use {adapter}@{version}"
+            )
+
+    def _claimed_base(
+        self, source: Path, report: AdapterReport, meta: VersionMetadata, assume_base: bool
+    ) -> str:
+        """Fingerprint of the base the adapter was trained on; BaseMismatch if not ours."""
+        claimed = meta.base_fingerprint
+        where = f"{METADATA_FILE} base_fingerprint"
+        base_path = report.peft_config.get("base_model_name_or_path")
+        if claimed is None and isinstance(base_path, str) and Path(base_path).is_dir():
+            claimed = inspect_base(base_path).fingerprint
+            where = f"base_model_name_or_path {base_path}"
+        if claimed is None:
+            if assume_base:
+                return self.base.fingerprint
+            raise BaseMismatch(
+                f"cannot tell which base adapter {source} was trained on: "
+                f"base_model_name_or_path {base_path!r} is not a local directory and there is no "
+                f"{METADATA_FILE} with base_fingerprint; pass --assume-base to accept it on this "
+                f"registry's base {self.base.fingerprint} (its shapes already matched)"
+            )
+        if claimed != self.base.fingerprint:
+            raise BaseMismatch(
+                f"adapter {source} was trained on base {claimed} ({where}) but this registry is "
+                f"bound to base {self.base.fingerprint} ({self.base.path}); register it in a "
+                f"registry for its base (--home) or retrain it on {self.base.path}"
+            )
+        return claimed
+
+    # ---- aliases -------------------------------------------------------------------------
+
+    def set_alias(
+        self,
+        adapter: str,
+        alias: str,
+        version: int,
+        *,
+        weight: float | None = None,
+        actor: str | None = None,
+        reason: str = "",
+    ) -> AliasMove:
+        """Point `alias` at `version`. Only `canary` carries a weight in [0, 1]."""
+        return aliases.set_alias(
+            self.db,
+            adapter,
+            alias,
+            version,
+            weight=weight,
+            actor=actor or default_actor(),
+            reason=reason,
+        )
+
+    def promote(
+        self, adapter: str, version: int, *, alias: str = "production", **kw: Any
+    ) -> AliasMove:
+        """`set_alias` with the production alias as default."""
+        return self.set_alias(adapter, alias, version, **kw)
+
+    def rollback(
+        self, adapter: str, alias: str = "production", *, actor: str | None = None, reason: str = ""
+    ) -> AliasMove:
+        """Move `alias` back to the holder it had before its last move (repeatable)."""
+        if not self.db.query("SELECT 1 FROM versions WHERE adapter = ? LIMIT 1", (adapter,)):
+            raise NotFound(self._unknown_adapter(adapter))
+        return aliases.rollback_alias(
+            self.db, adapter, alias, actor=actor or default_actor(), reason=reason
+        )
+
+    def remove_alias(
+        self, adapter: str, alias: str, *, actor: str | None = None, reason: str = ""
+    ) -> AliasMove:
+        """Delete an alias (recorded; `rollback` restores it)."""
+        return aliases.remove_alias(
+            self.db, adapter, alias, actor=actor or default_actor(), reason=reason
+        )
+
+    # ---- archive, fsck, gc ---------------------------------------------------------------
+
+    def archive(
+        self, adapter: str, version: int, *, actor: str | None = None, reason: str = ""
+    ) -> VersionRecord:
+        """Retire a version; refused while an alias points at it."""
+        check_name(adapter)
+        with self.db.write("archive") as txn:
+            aliases.require_active(txn, adapter, version, "archive it again")
+            held = [
+                r[0]
+                for r in txn.execute(
+                    "SELECT alias FROM aliases WHERE adapter = ? AND version = ? ORDER BY alias",
+                    (adapter, version),
+                )
+            ]
+            if held:
+                raise AliasConflict(
+                    f"{adapter}@{version} is held by alias {', '.join(held)}; move "
+                    f"{'them' if len(held) > 1 else 'it'} to another version first "
+                    f"(lorafleet registry promote {adapter} VERSION --to {held[0]})"
+                )
+            txn.execute(
+                "UPDATE versions SET state = 'archived', archived_at = ? WHERE adapter = ?"
+                " AND version = ?",
+                (utc_now(), adapter, version),
+            )
+            insert_event(
+                txn,
+                actor=actor or default_actor(),
+                reason=reason,
+                action="archive",
+                adapter=adapter,
+                version=version,
+            )
+        return self.get_version(adapter, version)
+
+    def fsck(self, *, repair: bool = False, verify: bool = False) -> FsckReport:
+        """Check database, artifacts and aliases; `repair` removes what nothing uses and
+        dangling aliases; `verify` re-hashes every stored artifact."""
+        return maintenance.fsck(
+            self.db, self.artifacts, actor=default_actor(), repair=repair, verify=verify
+        )
+
+    def gc(self, *, archived: bool = False, dry_run: bool = False) -> list[str]:
+        """Remove unreferenced files; with `archived`, also archived versions' files."""
+        return maintenance.gc(
+            self.db, self.artifacts, actor=default_actor(), archived=archived, dry_run=dry_run
+        )
