@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint typecheck demo clean
+.PHONY: setup test lint demo clean
 
 setup: $(STAMP)
 
@@ -32,5 +32,8 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest
 
+demo: setup
+	bash examples/demo.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -293,9 +293,15 @@ def _version_text(record: VersionRecord) -> str:
     ]
     if record.archived_at:
         lines.append(f"  archived      {record.archived_at}")
-    lines.append("  metadata")
+    # Only what the version has; `show --json` prints every field.
+    present = {k: v for k, v in record.metadata.items() if v not in (None, {}, [], "")}
+    dataset = {k: v for k, v in present.pop("dataset", {}).items() if v is not None}
+    if dataset:
+        present["dataset"] = dataset
+    lines.append("  metadata" + ("" if present else "      -"))
     lines += [
-        "    " + line for line in json.dumps(record.metadata, indent=2, sort_keys=True).splitlines()
+        f"    {key:<18} {value if isinstance(value, str | int | float) else json.dumps(value)}"
+        for key, value in sorted(present.items())
     ]
     return "\n".join(lines)
 

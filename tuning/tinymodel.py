@@ -82,6 +82,9 @@ def build_base_model(out_dir: Path | str, *, size: Size = "tiny", seed: int = 0)
     """Write a complete base model directory (config, safetensors, tokenizer) to `out_dir`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +134,9 @@ def build_random_adapter(
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))
     generator = torch.Generator().manual_seed(seed)
