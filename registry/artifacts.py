@@ -44,7 +44,8 @@ class ArtifactStore(Protocol):
     def lock(self, exclusive: bool) -> AbstractContextManager[None]: ...
 
 
-def _file_digest(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of one file, read in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK_BYTES):
@@ -86,7 +87,7 @@ class LocalArtifactStore:
     def digest_of(self, src_dir: Path) -> tuple[str, int]:
         """Digest and total size in bytes of the files a `put` of `src_dir` would store."""
         files = _regular_files(src_dir)
-        return _combine({p.name: _file_digest(p) for p in files}), sum(
+        return _combine({p.name: sha256_file(p) for p in files}), sum(
             p.stat().st_size for p in files
         )
 
@@ -149,7 +150,7 @@ class LocalArtifactStore:
                 raise CorruptArtifact(
                     f"artifact {digest[:12]} contains {p.name!r}, which is not a regular file"
                 )
-        got = _combine({p.name: _file_digest(p) for p in _regular_files(path)})
+        got = _combine({p.name: sha256_file(p) for p in _regular_files(path)})
         if got != digest:
             raise CorruptArtifact(
                 f"artifact {digest[:12]} at {path} was changed after registration "

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registry.artifacts import sha256_file
 from registry.errors import AdapterWeightsError, InvalidBaseModel
 from registry.tensors import read_header
 
@@ -28,7 +29,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,6 @@ class BaseModelInfo:
 
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_config(base_dir: Path) -> dict[str, object]:
@@ -149,7 +141,7 @@ def inspect_base(base_dir: Path | str) -> BaseModelInfo:
         path = base_dir / name
         if path.is_file():
             has_tokenizer = True
-            tokenizer.update(name.encode() + b"\0" + _sha256_file(path).encode() + b"\0")
+            tokenizer.update(name.encode() + b"\0" + sha256_file(path).encode() + b"\0")
     tokenizer_hash = tokenizer.hexdigest() if has_tokenizer else None
     template = _chat_template(base_dir)
     chat_template_hash = hash_text(template) if template is not None else None
@@ -157,7 +149,7 @@ def inspect_base(base_dir: Path | str) -> BaseModelInfo:
 
     params: dict[str, tuple[int, ...]] = {}
     for path in _weight_files(base_dir):
-        digest.update(path.name.encode() + b"\0" + _sha256_file(path).encode() + b"\0")
+        digest.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\0")
         try:
             header = read_header(path)
         except AdapterWeightsError as err:

@@ -147,11 +147,12 @@ class Database:
                 self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield Transaction(self._conn)
+                with self._busy_errors(what):
+                    self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            with self._busy_errors(what):
-                self._conn.execute("COMMIT")
 
     def integrity_problems(self) -> list[str]:
         """SQLite's own integrity check; an empty list when the file is sound."""
