@@ -1,0 +1,112 @@
+"""The drift baseline profile: what a version's training prompts looked like.
+
+Written by a tuning run into the adapter directory as `profile.json`, stored with the
+version, read by the server, which builds the same histograms over live traffic and compares
+them (PSI for the length histograms, Jensen-Shannon distance for token frequencies). The
+bin edges are fixed here, for both sides, so the two histograms always line up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROFILE_FILE = "profile.json"
+# Token-length bins: [0,1) [1,2) [2,4) [4,8) ... [8192,16384) [16384, inf).
+LENGTH_EDGES: tuple[int, ...] = (0, 1, *(2**i for i in range(1, 15)))
+DEFAULT_TOP_TOKENS = 1000
+
+
+def length_bin(length: int) -> int:
+    """Index of the length bin holding `length` (the last bin is open-ended)."""
+    for i in range(len(LENGTH_EDGES) - 1, -1, -1):
+        if length >= LENGTH_EDGES[i]:
+            return i
+    raise ValueError(f"length {length} is negative")
+
+
+def length_histogram(lengths: Iterable[int]) -> list[int]:
+    counts = [0] * len(LENGTH_EDGES)
+    for length in lengths:
+        counts[length_bin(length)] += 1
+    return counts
+
+
+class BaselineProfile(BaseModel):
+    """Histograms of the training prompts (and completions) of one adapter version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["lorafleet.profile/1"] = "lorafleet.profile/1"
+    samples: int = Field(ge=0)
+    """Number of training examples profiled."""
+    length_edges: list[int] = Field(default_factory=lambda: list(LENGTH_EDGES))
+    """Lower edges of the token-length bins; the last bin is open-ended."""
+    prompt_length_counts: list[int]
+    """Examples per prompt-length bin."""
+    completion_length_counts: list[int] | None = None
+    """Examples per completion-length bin (completion and chat data)."""
+    token_ids: list[int]
+    """The most frequent prompt token ids, most frequent first."""
+    token_counts: list[int]
+    """Occurrences of each id in `token_ids`."""
+    other_tokens: int = Field(ge=0)
+    """Occurrences of all other token ids together."""
+    vocab_size: int = Field(ge=1)
+    """Size of the tokenizer's vocabulary."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BaselineProfile:
+        bins = len(self.length_edges)
+        if len(self.prompt_length_counts) != bins:
+            raise ValueError(f"prompt_length_counts needs {bins} bins")
+        if self.completion_length_counts is not None and len(self.completion_length_counts) != bins:
+            raise ValueError(f"completion_length_counts needs {bins} bins")
+        if len(self.token_ids) != len(self.token_counts):
+            raise ValueError("token_ids and token_counts differ in length")
+        return self
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts) + self.other_tokens
+
+    def save(self, directory: Path) -> Path:
+        path = directory / PROFILE_FILE
+        path.write_text(self.model_dump_json(indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> BaselineProfile:
+        return cls.model_validate(json.loads(path.read_text()))
+
+
+def build_profile(
+    prompts: Iterable[Sequence[int]],
+    *,
+    vocab_size: int,
+    completion_lengths: Iterable[int] | None = None,
+    top_tokens: int = DEFAULT_TOP_TOKENS,
+) -> BaselineProfile:
+    """Profile tokenized prompts (and, if given, completion lengths)."""
+    tokens: Counter[int] = Counter()
+    lengths: list[int] = []
+    for ids in prompts:
+        lengths.append(len(ids))
+        tokens.update(ids)
+    # Ties broken by id so the same data gives the same file.
+    top = sorted(tokens.items(), key=lambda item: (-item[1], item[0]))[:top_tokens]
+    return BaselineProfile(
+        samples=len(lengths),
+        prompt_length_counts=length_histogram(lengths),
+        completion_length_counts=(
+            length_histogram(completion_lengths) if completion_lengths is not None else None
+        ),
+        token_ids=[t for t, _ in top],
+        token_counts=[c for _, c in top],
+        other_tokens=sum(tokens.values()) - sum(c for _, c in top),
+        vocab_size=vocab_size,
+    )
