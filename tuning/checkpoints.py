@@ -1,0 +1,100 @@
+"""Checkpoints of a tuning run: trainable weights, best weights, optimizer and RNG state in
+safetensors, counters in JSON. Written to a temporary directory and renamed into place, so a
+run killed while saving resumes from the previous complete checkpoint. Nothing is pickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+KEEP = 2  # complete checkpoints kept on disk
+
+
+@dataclass
+class TrainState:
+    """Counters that must survive a restart (early stopping included)."""
+
+    step: int = 0
+    tokens: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    train_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+    eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{key}": value.contiguous()
+        for index, slots in state["state"].items()
+        for key, value in slots.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def save_checkpoint(
+    directory: Path,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    best: dict[str, torch.Tensor] | None,
+) -> Path:
+    final = directory / f"step-{state.step:08d}"
+    staging = directory / f".tmp-step-{state.step:08d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(trainable_state(model), staging / "trainable.safetensors")
+    if best is not None:
+        save_file(best, staging / "best.safetensors")
+    tensors, groups = _optimizer_tensors(optimizer)
+    save_file(tensors, staging / "optimizer.safetensors")
+    save_file({"cpu": torch.get_rng_state()}, staging / "rng.safetensors")
+    (staging / "state.json").write_text(
+        json.dumps({"train": asdict(state), "param_groups": groups}, indent=1)
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(staging, final)
+    for old in sorted(directory.glob("step-*"))[:-KEEP]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    saved = json.loads((path / "state.json").read_text())
+    load_trainable(model, load_file(path / "trainable.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(path / "optimizer.safetensors").items():
+        index, slot = key.split(".", 1)
+        state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    torch.set_rng_state(load_file(path / "rng.safetensors")["cpu"])
+    best_path = path / "best.safetensors"
+    best = load_file(best_path) if best_path.is_file() else None
+    return TrainState(**saved["train"]), best

@@ -1,0 +1,236 @@
+"""The one config of `lorafleet tune`: YAML plus `key.sub=value` overrides, validated at
+load time with every problem reported at once (field path, value, fix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuning.errors import ConfigError
+
+Section = ConfigDict(
+    extra="forbid", frozen=True, use_attribute_docstrings=True, validate_by_name=True
+)
+
+
+class DataConfig(BaseModel):
+    model_config = Section
+    train: list[Path]
+    """Training files: .jsonl, .json, .csv or .parquet."""
+    eval: list[Path] = []
+    """Held-out files; empty: split `eval_fraction` off the training data."""
+    format: Literal["completion", "chat", "text"] = "completion"
+    """completion: prompt + completion fields; chat: messages; text: text."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the training rows held out when no eval files are given."""
+    split_seed: int = 0
+    """Seed of the train/eval split."""
+    max_length: int = Field(512, ge=8, le=131072)
+    """Longest example in tokens; longer ones are dropped and counted, never truncated."""
+    dedupe: bool = True
+    """Drop exact duplicate rows (counted)."""
+    packing: bool = False
+    """Pack short examples into rows of max_length tokens, without attention across them."""
+    reference_text: Path | None = None
+    """General text for the forgetting check; default: text the project generates."""
+
+
+class MethodConfig(BaseModel):
+    model_config = Section
+    r: int = Field(8, ge=1, le=1024)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    """Module names to adapt, or all-linear."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA); the hf engine serves it, vLLM does not."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter (e.g. lm_head)."""
+    layers_to_transform: list[int] | None = None
+    """Only adapt these layer indices (all layers if unset)."""
+
+
+class TrainingConfig(BaseModel):
+    model_config = Section
+    lr: float = Field(1e-3, gt=0, le=1)
+    """Peak learning rate of the LoRA A matrices (and everything else by default)."""
+    lr_ratio_b: float = Field(1.0, gt=0, le=1000)
+    """LoRA+ ratio: the B matrices train at lr * lr_ratio_b."""
+    lr_modules_to_save: float | None = Field(None, gt=0, le=1)
+    """Learning rate of modules_to_save (default: lr)."""
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    """AdamW weight decay on matrices."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: to 0 (cosine, linear) or none (constant)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warmup."""
+    batch_size: int = Field(8, ge=1, le=4096)
+    """Examples (or packed rows) per micro-batch and process."""
+    grad_accum: int = Field(1, ge=1, le=1024)
+    """Micro-batches per optimizer step."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps; overrides epochs."""
+    epochs: float = Field(1.0, gt=0, le=1000)
+    """Passes over the training data when max_steps is unset."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping norm (none if unset)."""
+    eval_every: int = Field(50, ge=1)
+    """Optimizer steps between eval-loss measurements."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evals without improvement; the best weights are kept."""
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    """Smallest eval-loss decrease that counts as improvement."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Optimizer steps between checkpoints (none if unset)."""
+    resume: bool = True
+    """Continue from the last checkpoint in output.dir if there is one."""
+    seed: int = 0
+    """Seed of adapter initialisation, data order and dropout."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Base model weights dtype; LoRA weights train in fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    log_every: int = Field(10, ge=1)
+    """Optimizer steps between progress-bar updates."""
+
+
+class EvaluationConfig(BaseModel):
+    model_config = Section
+    generate: bool = True
+    """Exact match and token F1 by greedy generation (completion data)."""
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    """Generation limit of that check."""
+    max_examples: int = Field(200, ge=1)
+    """Held-out examples used for generation metrics."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per evaluation batch."""
+    forgetting: bool = True
+    """Perplexity on general text with and without the adapter."""
+
+
+class OutputConfig(BaseModel):
+    model_config = Section
+    dir: Path
+    """Run directory: adapter/, checkpoints/, loss.png."""
+    overwrite: bool = False
+    """Allow writing into a directory that holds a finished run."""
+
+
+class RegisterConfig(BaseModel):
+    model_config = Section
+    name: str | None = None
+    """Register the adapter under this name when training succeeds."""
+    alias: str | None = None
+    """Also point this alias (e.g. staging) at the new version."""
+    home: Path | None = None
+    """Registry directory (default $LORAFLEET_HOME or ~/.lorafleet)."""
+
+
+class TuneConfig(BaseModel):
+    model_config = Section
+    base: Path
+    """Base model directory (a Hugging Face model with safetensors weights)."""
+    base_build: Literal["tiny", "small"] | None = None
+    """If `base` does not exist, build this offline base model there first."""
+    data: DataConfig
+    method: MethodConfig = MethodConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    output: OutputConfig
+    # "register" would shadow BaseModel.register (from ABCMeta); YAML keeps the short name.
+    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    """Where and under which name the result is registered."""
+
+    @model_validator(mode="after")
+    def _paths_exist(self) -> TuneConfig:
+        problems = []
+        if self.base_build is None and not (self.base / "config.json").is_file():
+            problems.append(f"base: {self.base} has no config.json (or set base_build: tiny)")
+        for field in ("train", "eval"):
+            for path in getattr(self.data, field):
+                if not path.is_file():
+                    problems.append(f"data.{field}: file {path} does not exist")
+        if self.data.reference_text and not self.data.reference_text.is_file():
+            problems.append(f"data.reference_text: file {self.data.reference_text} does not exist")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def set_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `key.sub=value` override (value parsed as YAML) to a raw config dict."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not KEY=VALUE, e.g. training.lr=3e-4")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: Path | None, overrides: list[str] = []) -> TuneConfig:  # noqa: B006
+    """Read YAML, apply overrides, validate; ConfigError lists every problem."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} is not a YAML mapping")
+        data = loaded
+    for override in overrides:
+        set_override(data, override)
+    try:
+        return TuneConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}"
+            + (f" (got {e['input']!r})" if not isinstance(e["input"], dict) else "")
+            for e in err.errors()
+        )
+        where = path or "the command line"
+        raise ConfigError(f"{len(err.errors())} problem(s) in {where}: {problems}") from err
+
+
+def default_yaml() -> str:
+    """A complete config with every default, each field commented with its docstring."""
+    lines = ["# lorafleet tune config: every field with its default."]
+    _describe(TuneConfig, lines, indent="")
+    return "\n".join(lines) + "\n"
+
+
+def _describe(model: type[BaseModel], lines: list[str], indent: str) -> None:
+    placeholders = {"base": "path/to/base-model", "dir": "runs/my-adapter"}
+    for attribute, field in model.model_fields.items():
+        name = field.alias or attribute
+        if field.description and not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            lines.append(f"{indent}# {field.description}")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{indent}{name}:")
+            _describe(annotation, lines, indent + "  ")
+            continue
+        if field.is_required():
+            value: Any = placeholders.get(name, ["data/train.jsonl"] if name == "train" else None)
+            lines[-1:] = [lines[-1] + " (required)"] if field.description else lines[-1:]
+        else:
+            value = field.get_default(call_default_factory=True)
+        if isinstance(value, Path):
+            value = str(value)
+        dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
+        lines.append(f"{indent}{dumped[1:-1]}")

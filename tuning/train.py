@@ -1,0 +1,445 @@
+"""`lorafleet tune`: one LoRA fine-tuning run, read top to bottom.
+
+config -> base and data -> PEFT model -> optimizer (LoRA+ groups) -> loop (accumulation,
+schedule, clipping, eval loss, early stopping, checkpoints) -> best weights -> evaluation
+against the base -> adapter dir with lorafleet.json, profile.json, loss.png -> register.
+
+Runs as one process, or under `torchrun` / `accelerate launch` with several (gloo on CPU,
+nccl on GPUs): each process takes its share of every optimizer step's micro-batches and
+DDP averages the gradients; process 0 evaluates, saves and registers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from registry import Registry, VersionMetadata
+from registry.basemodel import inspect_base
+from registry.faults import pause_point
+from registry.profile import PROFILE_FILE, build_profile
+from tuning.checkpoints import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    trainable_state,
+)
+from tuning.config import TrainingConfig, TuneConfig
+from tuning.data import DataReport, Example, batches, load_examples
+from tuning.errors import ConfigError, PackingUnsupported
+from tuning.evaluation import evaluate, mean_loss
+from tuning.plots import plot_losses
+
+logger = logging.getLogger(__name__)
+METADATA_FILE = "lorafleet.json"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    adapter_dir: Path
+    metadata: VersionMetadata
+    registered: str | None  # NAME@VERSION
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def lr_factor(step: int, total: int, config: TrainingConfig) -> float:
+    """Schedule multiplier for optimizer step `step` (0-based): warmup, then decay."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    if config.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
+    """LoRA A (and DoRA magnitudes) at lr, B at lr * lr_ratio_b (LoRA+), saved modules at
+    lr_modules_to_save; weight decay on matrices only."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = "b" if "lora_B" in name else "saved" if "modules_to_save" in name else "a"
+        groups.setdefault((kind, param.ndim >= 2), []).append(param)
+    rates = {
+        "a": config.lr,
+        "b": config.lr * config.lr_ratio_b,
+        "saved": config.lr_modules_to_save or config.lr,
+    }
+    return [
+        {
+            "params": params,
+            "lr": rates[kind],
+            "initial_lr": rates[kind],
+            "weight_decay": config.weight_decay if decay else 0.0,
+            "name": f"{kind}{'' if decay else '-nodecay'}",
+        }
+        for (kind, decay), params in sorted(groups.items(), key=lambda item: item[0])
+    ]
+
+
+def check_packing(model: Any, pad_id: int) -> None:
+    """Packing is used only if two packed examples give the logits they give alone."""
+    from tuning.data import pack_batch, pad_batch
+
+    a = Example([5, 6, 7, 8], [5, 6, 7, 8], [])
+    b = Example([9, 10, 11], [9, 10, 11], [])
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in pack_batch([[a, b]], pad_id).items() if k != "labels"})
+        alone = model(input_ids=pad_batch([b], pad_id)["input_ids"])
+    if not torch.allclose(packed.logits[0, 4:7], alone.logits[0], atol=1e-4):
+        raise PackingUnsupported(
+            "this model attends across packed examples (its attention ignores restarting "
+            "position ids); set data.packing: false"
+        )
+
+
+def build_model(config: TuneConfig, base: Path) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if config.training.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    method = config.method
+    lora = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules,
+        use_rslora=method.use_rslora,
+        use_dora=method.use_dora,
+        modules_to_save=method.modules_to_save or None,
+        layers_to_transform=method.layers_to_transform,
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:  # peft: target modules not found, bad layer indices
+        raise ConfigError(f"method: {err}") from err
+    if config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def total_steps(config: TuneConfig, micro_batches: int, world: int) -> int:
+    if config.training.max_steps:
+        return config.training.max_steps
+    per_step = config.training.grad_accum * world
+    return max(1, math.ceil(config.training.epochs * micro_batches / per_step))
+
+
+def micro_batch_stream(train: list[Example], config: TuneConfig, pad_id: int, start: int) -> Any:
+    """Every micro-batch of the run in order, from the `start`-th on (resume)."""
+    t = config.training
+    epoch, index = 0, 0
+    while True:
+        epoch_batches = batches(
+            train,
+            batch_size=t.batch_size,
+            max_length=config.data.max_length,
+            packing=config.data.packing,
+            pad_id=pad_id,
+            seed=t.seed,
+            epoch=epoch,
+        )
+        for batch in epoch_batches:
+            if index >= start:
+                yield batch
+            index += 1
+        epoch += 1
+
+
+def train_loop(
+    config: TuneConfig,
+    model: Any,
+    train: list[Example],
+    held_out: list[Example],
+    pad_id: int,
+    run_dir: Path,
+) -> TrainState:
+    """The optimisation loop; returns the final state with the best weights loaded."""
+    from tqdm import tqdm
+
+    t = config.training
+    rank, world = _rank_world()
+    per_step = t.grad_accum * world
+    n_micro = len(
+        batches(
+            train,
+            batch_size=t.batch_size,
+            max_length=config.data.max_length,
+            packing=config.data.packing,
+            pad_id=pad_id,
+            seed=t.seed,
+            epoch=0,
+        )
+    )
+    steps = total_steps(config, n_micro, world)
+    optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
+    state, best = TrainState(), None
+    checkpoint_dir = run_dir / "checkpoints"
+    last = latest_checkpoint(checkpoint_dir) if t.resume else None
+    if last is not None:
+        state, best = load_checkpoint(last, model, optimizer)
+        logger.info("resumed from %s (step %d of %d)", last, state.step, steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ddp = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model)
+    stream = micro_batch_stream(train, config, pad_id, state.step * per_step)
+    interactive = rank == 0 and sys.stderr.isatty()
+    bar = tqdm(total=steps, initial=state.step, disable=not interactive, desc="tune", unit="step")
+    model.train()
+    started, tokens_at_start = time.perf_counter(), state.tokens
+    while state.step < steps and not state.stopped_early:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(state.step, steps, t)
+        micro = [next(stream) for _ in range(per_step)][rank::world]
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or world == 1
+            with ddp.no_sync() if not sync else torch.enable_grad():
+                loss = ddp(**batch).loss / len(micro)
+                loss.backward()
+            loss_sum += loss.item()
+            state.tokens += int((batch["labels"] != -100).sum()) * world
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.train_losses.append([state.step, loss_sum])
+        if state.step % t.log_every == 0 or state.step == steps:
+            rate = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+        bar.update(1)
+        if state.step % t.eval_every == 0 or state.step == steps:
+            best = _evaluate_step(model, held_out, config, pad_id, state, best)
+            model.train()
+            if rank == 0 and not interactive:
+                rate = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
+                logger.info(
+                    "step %d/%d  train loss %.4f  eval loss %.4f  lr %.2e  %.0f tok/s",
+                    state.step,
+                    steps,
+                    loss_sum,
+                    state.eval_losses[-1][1],
+                    optimizer.param_groups[0]["lr"],
+                    rate,
+                )
+        if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < steps:
+            if rank == 0:
+                path = save_checkpoint(checkpoint_dir, state, model, optimizer, best)
+                logger.info("checkpoint %s", path.name)
+            pause_point("tune.checkpointed")
+    bar.close()
+    if best is not None:
+        load_trainable(model, best)
+    return state
+
+
+def _evaluate_step(
+    model: Any,
+    held_out: list[Example],
+    config: TuneConfig,
+    pad_id: int,
+    state: TrainState,
+    best: dict[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor] | None:
+    """Eval loss for the curve and early stopping; every process computes the same value,
+    so all of them take the same decision."""
+    t = config.training
+    model.eval()
+    loss = mean_loss(model, held_out, config.evaluation.batch_size, pad_id)
+    state.eval_losses.append([state.step, loss])
+    if state.best_eval_loss is None or loss < state.best_eval_loss - t.early_stopping_min_delta:
+        state.best_eval_loss, state.best_step, state.bad_evals = loss, state.step, 0
+        return trainable_state(model)
+    state.bad_evals += 1
+    if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
+        state.stopped_early = True
+        logger.info(
+            "early stop at step %d: best eval loss %.4f at step %d",
+            state.step,
+            state.best_eval_loss,
+            state.best_step,
+        )
+    return best
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in ("lorafleet", "torch", "transformers", "peft", "datasets", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def git_commit() -> str | None:
+    """Commit of the lorafleet checkout that ran the training, if it is one."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def ensure_base(config: TuneConfig) -> Path:
+    if not (config.base / "config.json").is_file() and config.base_build:
+        from tuning.tinymodel import build_base_model
+
+        logger.info("building the %s base model in %s", config.base_build, config.base)
+        build_base_model(config.base, size=config.base_build, seed=0)
+    return config.base
+
+
+def run(config: TuneConfig, *, source: str = "") -> RunResult:
+    """Train, evaluate, write the adapter directory and (if configured) register it."""
+    import datasets
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    started = time.time()
+    rank, world = _rank_world()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    run_dir = config.output.dir
+    adapter_dir = run_dir / "adapter"
+    if (adapter_dir / METADATA_FILE).exists() and not config.output.overwrite:
+        raise ConfigError(
+            f"output.dir {run_dir} holds a finished run; choose another output.dir or set "
+            "output.overwrite=true"
+        )
+    base = ensure_base(config)
+    base_info = inspect_base(base)
+    torch.manual_seed(config.training.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, held_out, report = load_examples(config.data, tokenizer)
+    logger.info(
+        "data: %d rows, %d duplicates and %d over max_length %d dropped; %d train, %d eval",
+        report.rows,
+        report.duplicates,
+        report.too_long,
+        config.data.max_length,
+        report.train,
+        report.eval,
+    )
+    model = build_model(config, base)
+    if config.data.packing:
+        check_packing(model, tokenizer.pad_token_id)
+    state = train_loop(config, model, train, held_out, tokenizer.pad_token_id, run_dir)
+    if rank != 0:
+        torch.distributed.barrier()
+        return RunResult(adapter_dir, VersionMetadata(), None)
+    metrics = evaluate(model, tokenizer, held_out, config.data, config.evaluation)
+    metrics["train"] = {
+        "steps": state.step,
+        "tokens": state.tokens,
+        "best_eval_loss": state.best_eval_loss,
+        "best_step": state.best_step,
+        "stopped_early": state.stopped_early,
+        "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
+        "processes": world,
+        "eval_losses": state.eval_losses,
+    }
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(adapter_dir)
+    profile = build_profile(
+        [e.prompt_ids for e in train],
+        vocab_size=len(tokenizer),
+        completion_lengths=(
+            [len(e.input_ids) - len(e.prompt_ids) for e in train]
+            if config.data.format != "text"
+            else None
+        ),
+    )
+    profile.save(adapter_dir)
+    plot_losses(
+        adapter_dir / "loss.png",
+        state.train_losses,
+        state.eval_losses,
+        f"{config.registry.name or run_dir.name}: r={config.method.r}",
+    )
+    elapsed = time.time() - started
+    metadata = VersionMetadata(
+        base_fingerprint=base_info.fingerprint,
+        tokenizer_hash=base_info.tokenizer_hash,
+        chat_template_hash=base_info.chat_template_hash,
+        dataset=_dataset_info(report),
+        training_config=config.model_dump(mode="json", by_alias=True),
+        metrics=metrics,
+        library_versions=library_versions(),
+        git_commit=git_commit(),
+        seed=config.training.seed,
+        trigger="manual",
+        drift_profile=PROFILE_FILE,
+        wall_time_s=elapsed,
+        tokens_per_s=state.tokens / elapsed if elapsed > 0 else None,
+    )
+    (adapter_dir / METADATA_FILE).write_text(metadata.model_dump_json(indent=1) + "\n")
+    (run_dir / "config.yaml").write_text(_yaml(config))
+    registered = _register(config, adapter_dir, source) if config.registry.name else None
+    if world > 1:
+        torch.distributed.barrier()
+    return RunResult(adapter_dir, metadata, registered)
+
+
+def _dataset_info(report: DataReport) -> Any:
+    from registry.records import DatasetInfo
+
+    return DatasetInfo(
+        fingerprint=report.fingerprint,
+        source=json.dumps(report.files, sort_keys=True),
+        examples=report.train,
+    )
+
+
+def _yaml(config: TuneConfig) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+
+
+def _register(config: TuneConfig, adapter_dir: Path, source: str) -> str:
+    reg = config.registry
+    assert reg.name is not None
+    registry = Registry.create(reg.home, config.base)  # idempotent; refuses another base
+    record = registry.register(reg.name, adapter_dir, reason=f"lorafleet tune {source}".strip())
+    if reg.alias:
+        registry.set_alias(reg.name, reg.alias, record.version, reason="lorafleet tune")
+    registry.close()
+    logger.info("registered %s", record.ref)
+    return record.ref
