@@ -293,17 +293,66 @@ def _version_text(record: VersionRecord) -> str:
     ]
     if record.archived_at:
         lines.append(f"  archived      {record.archived_at}")
-    # Only what the version has; `show --json` prints every field.
-    present = {k: v for k, v in record.metadata.items() if v not in (None, {}, [], "")}
-    dataset = {k: v for k, v in present.pop("dataset", {}).items() if v is not None}
-    if dataset:
-        present["dataset"] = dataset
-    lines.append("  metadata" + ("" if present else "      -"))
-    lines += [
-        f"    {key:<18} {value if isinstance(value, str | int | float) else json.dumps(value)}"
-        for key, value in sorted(present.items())
-    ]
+    lines += _metadata_lines(record.metadata)
     return "\n".join(lines)
+
+
+def _metadata_lines(meta: dict[str, Any]) -> list[str]:
+    """The metadata a person reads first; `show --json` prints every field."""
+    lines = []
+    metrics = meta.get("metrics") or {}
+    base = metrics.get("base") or {}
+    scores = [k for k in ("eval_loss", "perplexity", "exact_match", "token_f1") if k in metrics]
+    if scores:
+        lines.append("  metrics       adapter     base")
+        lines += [
+            f"    {k:<14}{metrics[k]:>9.4f}  {base.get(k, float('nan')):>9.4f}" for k in scores
+        ]
+    if forgetting := metrics.get("forgetting"):
+        lines.append(
+            f"    reference ppl {forgetting['reference_perplexity']:>9.2f}  "
+            f"{forgetting['base_reference_perplexity']:>9.2f}  ({forgetting['change_pct']:+.1f}%)"
+        )
+    if train := metrics.get("train"):
+        early = (
+            f", stopped early (best step {train.get('best_step')})"
+            if train.get("stopped_early")
+            else ""
+        )
+        lines.append(f"    steps         {train.get('steps')}{early}")
+    dataset = meta.get("dataset") or {}
+    if dataset.get("fingerprint"):
+        lines.append(
+            f"  dataset       {dataset.get('examples')} examples, "
+            f"sha256 {dataset['fingerprint'][:12]}, from {dataset.get('source')}"
+        )
+    if config := meta.get("training_config"):
+        method, training = config.get("method", {}), config.get("training", {})
+        lines.append(
+            f"  training      r={method.get('r')} alpha={method.get('alpha')} "
+            f"lr={training.get('lr')} seed={meta.get('seed')} (full config: --json)"
+        )
+    if meta.get("wall_time_s"):
+        lines.append(
+            f"  run           {meta['wall_time_s']:.1f} s, "
+            f"{meta.get('tokens_per_s') or 0:.0f} tokens/s"
+        )
+    versions = meta.get("library_versions") or {}
+    provenance = [f"git {meta['git_commit'][:12]}"] if meta.get("git_commit") else []
+    provenance += [
+        f"{k} {v}" for k, v in versions.items() if k in ("torch", "transformers", "peft")
+    ]
+    if provenance:
+        lines.append(f"  provenance    {', '.join(provenance)}")
+    lineage = [f"trigger {meta.get('trigger', 'manual')}"]
+    if meta.get("parent_version"):
+        lineage.append(f"parent version {meta['parent_version']}")
+    if meta.get("job_id"):
+        lineage.append(f"job {meta['job_id']}")
+    lines.append(f"  lineage       {', '.join(lineage)}")
+    if meta.get("drift_profile"):
+        lines.append(f"  drift profile {meta['drift_profile']}")
+    return lines
 
 
 def cmd_show(args: argparse.Namespace) -> int:

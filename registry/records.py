@@ -26,7 +26,9 @@ class DatasetInfo(BaseModel):
     fingerprint: str | None = None
     """sha256 over the training examples as used."""
     source: str | None = None
-    """Paths or URIs of the data files."""
+    """Paths or URIs of the data files, comma-separated."""
+    files: dict[str, str] = Field(default_factory=dict)
+    """sha256 of each data file."""
     examples: int | None = Field(default=None, ge=0)
     """Number of training examples after filtering."""
 

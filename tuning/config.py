@@ -4,10 +4,10 @@ load time with every problem reported at once (field path, value, fix)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuning.errors import ConfigError
 
@@ -16,11 +16,20 @@ Section = ConfigDict(
 )
 
 
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"file {path} does not exist")
+    return path
+
+
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+
+
 class DataConfig(BaseModel):
     model_config = Section
-    train: list[Path]
+    train: list[ExistingFile] = Field(min_length=1)
     """Training files: .jsonl, .json, .csv or .parquet."""
-    eval: list[Path] = []
+    eval: list[ExistingFile] = []
     """Held-out files; empty: split `eval_fraction` off the training data."""
     format: Literal["completion", "chat", "text"] = "completion"
     """completion: prompt + completion fields; chat: messages; text: text."""
@@ -34,7 +43,7 @@ class DataConfig(BaseModel):
     """Drop exact duplicate rows (counted)."""
     packing: bool = False
     """Pack short examples into rows of max_length tokens, without attention across them."""
-    reference_text: Path | None = None
+    reference_text: ExistingFile | None = None
     """General text for the forgetting check; default: text the project generates."""
 
 
@@ -150,18 +159,9 @@ class TuneConfig(BaseModel):
     """Where and under which name the result is registered."""
 
     @model_validator(mode="after")
-    def _paths_exist(self) -> TuneConfig:
-        problems = []
+    def _base_exists(self) -> TuneConfig:
         if self.base_build is None and not (self.base / "config.json").is_file():
-            problems.append(f"base: {self.base} has no config.json (or set base_build: tiny)")
-        for field in ("train", "eval"):
-            for path in getattr(self.data, field):
-                if not path.is_file():
-                    problems.append(f"data.{field}: file {path} does not exist")
-        if self.data.reference_text and not self.data.reference_text.is_file():
-            problems.append(f"data.reference_text: file {self.data.reference_text} does not exist")
-        if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(f"base: {self.base} has no config.json (or set base_build: tiny)")
         return self
 
 

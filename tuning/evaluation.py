@@ -27,7 +27,9 @@ def mean_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: 
     total, count = 0.0, 0
     for group in chunks(examples, batch_size):
         batch = pad_batch(group, pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
         labels = batch["labels"][:, 1:]
         total += F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),

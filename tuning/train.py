@@ -11,7 +11,6 @@ DDP averages the gradients; process 0 evaluates, saves and registers.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -103,8 +102,11 @@ def check_packing(model: Any, pad_id: int) -> None:
     a = Example([5, 6, 7, 8], [5, 6, 7, 8], [])
     b = Example([9, 10, 11], [9, 10, 11], [])
     with torch.no_grad():
-        packed = model(**{k: v for k, v in pack_batch([[a, b]], pad_id).items() if k != "labels"})
-        alone = model(input_ids=pad_batch([b], pad_id)["input_ids"])
+        batch = pack_batch([[a, b]], pad_id)
+        # Without a KV cache: the model only derives the block mask from position ids then.
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False)
+        alone = model(input_ids=pad_batch([b], pad_id)["input_ids"], use_cache=False)
     if not torch.allclose(packed.logits[0, 4:7], alone.logits[0], atol=1e-4):
         raise PackingUnsupported(
             "this model attends across packed examples (its attention ignores restarting "
@@ -219,7 +221,7 @@ def train_loop(
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or world == 1
             with ddp.no_sync() if not sync else torch.enable_grad():
-                loss = ddp(**batch).loss / len(micro)
+                loss = ddp(**batch, use_cache=False).loss / len(micro)
                 loss.backward()
             loss_sum += loss.item()
             state.tokens += int((batch["labels"] != -100).sum()) * world
@@ -422,7 +424,8 @@ def _dataset_info(report: DataReport) -> Any:
 
     return DatasetInfo(
         fingerprint=report.fingerprint,
-        source=json.dumps(report.files, sort_keys=True),
+        source=", ".join(report.files),
+        files=report.files,
         examples=report.train,
     )
 
