@@ -252,3 +252,26 @@ def test_two_processes_with_gloo(tiny_base: Path, task_files, tmp_path: Path) ->
     assert meta["metrics"]["train"]["steps"] == 6
     assert out.stdout.count("adapter:") == 1  # only process 0 reports
     assert meta["metrics"]["eval_loss"] < meta["metrics"]["base"]["eval_loss"]
+
+
+def test_packed_training_learns_and_base_numbers_are_the_plain_model(
+    tiny_base: Path,
+    task_files,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning.data import load_examples
+    from tuning.evaluation import mean_loss
+
+    config = make_config(
+        tiny_base, task_files, tmp_path, **{"data.packing": True, "training.max_steps": 20}
+    )
+    metrics = run(config).metadata.metrics
+    assert metrics["eval_loss"] < metrics["base"]["eval_loss"]
+    # The base column is the plain base model, not the adapter with its scale set to zero.
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    _, held_out, _ = load_examples(config.data, tokenizer)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    expected = mean_loss(plain, held_out, 16, tokenizer.pad_token_id)
+    assert metrics["base"]["eval_loss"] == pytest.approx(expected, rel=1e-5)
