@@ -106,8 +106,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for key, value in (("name", args.register), ("alias", args.alias), ("home", args.home)):
         if value is not None:
             overrides.append(f"register.{key}={value}")
-    if args.alias and not (args.register or "register.name" in " ".join(overrides)):
-        raise ConfigError("--alias needs --register NAME")
     config = load_config(args.config, overrides)
 
     from tuning.train import run

@@ -142,6 +142,22 @@ class RegisterConfig(BaseModel):
     home: Path | None = None
     """Registry directory (default $LORAFLEET_HOME or ~/.lorafleet)."""
 
+    @model_validator(mode="after")
+    def _names(self) -> RegisterConfig:
+        from registry.errors import InvalidName
+        from registry.names import check_name
+
+        if self.alias and not self.name:
+            raise ValueError("alias needs a name to register (register.name / --register)")
+        try:
+            if self.name:
+                check_name(self.name)
+            if self.alias:
+                check_name(self.alias, "alias")
+        except InvalidName as err:
+            raise ValueError(str(err)) from err
+        return self
+
 
 class TuneConfig(BaseModel):
     model_config = Section

@@ -61,6 +61,7 @@ def _row_locations(path: Path, count: int) -> list[str]:
 
 def _load_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     loader = LOADERS.get(path.suffix)
     if loader is None:
@@ -69,7 +70,7 @@ def _load_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
         )
     try:
         dataset = load_dataset(loader, data_files=str(path), split="train")
-    except Exception as err:  # datasets raises many types; the scan names the row.
+    except (DatasetGenerationError, ValueError, OSError) as err:
         if path.suffix == ".jsonl":
             _scan_jsonl(path)
         raise DataError(f"{path}: cannot be read as {loader}: {err}") from err

@@ -345,6 +345,9 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         )
     base = ensure_base(config)
     base_info = inspect_base(base)
+    if config.registry.name and rank == 0:
+        # Before training: a registry bound to another base refuses now, not after the run.
+        Registry.create(config.registry.home, base).close()
     torch.manual_seed(config.training.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     if tokenizer.pad_token_id is None:
@@ -364,7 +367,8 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         check_packing(model, tokenizer.pad_token_id)
     state = train_loop(config, model, train, held_out, tokenizer.pad_token_id, run_dir)
     if rank != 0:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # process 0 evaluates, saves and registers meanwhile
+        torch.distributed.destroy_process_group()
         return RunResult(adapter_dir, VersionMetadata(), None)
     metrics = evaluate(model, tokenizer, held_out, config.data, config.evaluation)
     metrics["train"] = {
@@ -416,6 +420,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
     registered = _register(config, adapter_dir, source) if config.registry.name else None
     if world > 1:
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return RunResult(adapter_dir, metadata, registered)
 
 

@@ -275,3 +275,21 @@ def test_packed_training_learns_and_base_numbers_are_the_plain_model(
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
     expected = mean_loss(plain, held_out, 16, tokenizer.pad_token_id)
     assert metrics["base"]["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_registry_of_another_base_refuses_before_training(
+    tiny_base: Path,
+    other_base: Path,
+    task_files,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from registry.errors import AlreadyInitialized
+
+    home = tmp_path / "home"
+    Registry.create(home, other_base).close()
+    config = make_config(
+        tiny_base, task_files, tmp_path / "run", **{"register.name": "adder", "register.home": home}
+    )
+    with pytest.raises(AlreadyInitialized, match="is bound to base"):
+        run(config)
+    assert not (tmp_path / "run").exists()
