@@ -290,22 +290,26 @@ def _check_pair(
 
 
 def _features(config: dict[str, object], embedding: bool) -> tuple[list[str], dict[str, str]]:
+    """Options beyond plain LoRA on linear layers, and the engines that cannot serve them
+    (the hf engine routes stacked A/B matrices per row; vLLM's LoRA kernels likewise)."""
     features: list[str] = []
     unservable: dict[str, str] = {}
+
+    def refuse(feature: str, what: str) -> None:
+        features.append(feature)
+        for engine in ("hf", "vllm"):
+            unservable.setdefault(engine, f"{engine} does not serve {what}")
+
     if config.get("use_dora"):
-        features.append("dora")
-        unservable["vllm"] = "vLLM does not serve DoRA adapters"
+        refuse("dora", "DoRA adapters")
     if config.get("use_rslora"):
         features.append("rslora")
     if config.get("modules_to_save"):
-        features.append("modules_to_save")
-        unservable.setdefault("vllm", "vLLM does not serve modules_to_save")
+        refuse("modules_to_save", "modules_to_save")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         features.append("rank_pattern")
     if embedding:
-        features.append("embedding")
-        unservable.setdefault("vllm", "vLLM does not serve LoRA on embeddings")
+        refuse("embedding", "LoRA on embeddings")
     if config.get("bias", "none") != "none":
-        features.append("bias")
-        unservable.setdefault("vllm", "vLLM does not serve LoRA bias")
+        refuse("bias", "LoRA bias")
     return features, unservable

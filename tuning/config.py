@@ -60,7 +60,7 @@ class MethodConfig(BaseModel):
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     use_dora: bool = False
-    """DoRA (weight-decomposed LoRA); the hf engine serves it, vLLM does not."""
+    """DoRA (weight-decomposed LoRA); recorded in the registry: neither engine serves it yet."""
     modules_to_save: list[str] = []
     """Modules trained in full and saved with the adapter (e.g. lm_head)."""
     layers_to_transform: list[int] | None = None

@@ -244,7 +244,7 @@ def test_peft_adapter_registers_with_its_report(
     assert (stored / WEIGHTS).read_bytes() == (adapter / WEIGHTS).read_bytes()
 
 
-def test_dora_is_recorded_as_not_servable_by_vllm(
+def test_dora_is_recorded_as_not_servable(
     home: Path, tiny_base: Path, copy_adapter: Callable[[Path], Path], tmp_path: Path
 ) -> None:
     from peft import LoraConfig, get_peft_model
@@ -255,5 +255,6 @@ def test_dora_is_recorded_as_not_servable_by_vllm(
     model.save_pretrained(tmp_path / "dora")
     record = Registry(home).register("dora", tmp_path / "dora")
     assert "dora" in record.features
-    assert record.engines == ["hf"]
-    assert "DoRA" in record.unservable["vllm"]
+    assert record.engines == []
+    assert record.unservable == {"hf": "hf does not serve DoRA adapters",
+                                 "vllm": "vllm does not serve DoRA adapters"}

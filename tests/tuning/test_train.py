@@ -219,7 +219,7 @@ def test_register_records_complete_metadata(
     assert {"torch", "transformers", "peft"} <= set(meta["library_versions"])
     assert meta["seed"] == 0 and meta["trigger"] == "manual" and meta["wall_time_s"] > 0
     assert meta["tokens_per_s"] > 0 and math.isfinite(meta["metrics"]["forgetting"]["change_pct"])
-    assert "dora" in record.features and record.engines == ["hf"]
+    assert "dora" in record.features and record.engines == []
     stored = registry.artifact_path(record)
     profile = BaselineProfile.load(stored / meta["drift_profile"])
     assert profile.samples == 52 and profile.completion_length_counts is not None

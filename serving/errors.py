@@ -1,0 +1,13 @@
+"""Typed errors of the serving side; the HTTP layer maps each to a status code."""
+
+from __future__ import annotations
+
+from registry.errors import LorafleetError
+
+
+class NotServable(LorafleetError):
+    """The adapter cannot be served by this engine (feature, rank or base mismatch): 409."""
+
+
+class Overloaded(LorafleetError):
+    """The engine's queue is full: 503 with Retry-After."""
