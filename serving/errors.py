@@ -11,3 +11,11 @@ class NotServable(LorafleetError):
 
 class Overloaded(LorafleetError):
     """The engine's queue is full: 503 with Retry-After."""
+
+
+class NoFreeSlot(LorafleetError):
+    """Every adapter slot of the engine is taken; unload one first (residency does this)."""
+
+
+class EngineStopped(LorafleetError):
+    """The engine was shut down."""

@@ -1,0 +1,409 @@
+"""The `hf` engine: transformers weights, our own batching loop, per-row adapter routing.
+
+Why not `generate` or transformers' continuous batching (DESIGN.md, measured on 2 cores):
+plain `generate` cannot admit requests mid-flight and copies its DynamicCache every step;
+transformers' continuous batching on CPU masks a dense block-diagonal matrix over the
+flattened batch and gathers every request's KV on every layer and step (566 vs 922 tok/s at
+64x128), and its prefix sharing mixed two adapters' KV. So this engine runs a small loop:
+
+- One engine thread does all torch work (two threads running torch ops cost each other up to
+  38%); callers only queue requests and receive tokens through callbacks.
+- KV lives in preallocated buffers (layers, max_batch, kv_heads, max_len, head_dim). Active
+  requests occupy rows 0..n-1; a finished row is refilled by moving the last row into it, so
+  the decode step attends over plain views `[:n, :, :L]`, never a gather.
+- New requests are admitted between decode steps (prefill one by one, then they join the
+  next decode step), so requests for different adapters and the base share forward passes.
+- Adapters are routed per row by `lora_slots` (stacked A/B, one mask per step).
+
+The forward pass is written out for the Llama family (llama, mistral within its sliding
+window, qwen2): embeddings, rotary positions, grouped-query attention with SDPA, MLP, using
+the model's own modules and weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from serving.engine import GenerationRequest, OnEvent, TokenEvent
+from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
+from serving.lora_slots import AdapterSlots, read_adapter
+
+logger = logging.getLogger(__name__)
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    on_event: OnEvent
+    slot: int | None
+    length: int = 0  # tokens in the KV buffers
+    last_token: int = 0
+    generated: int = 0
+    generator: torch.Generator | None = None
+    done: bool = field(default=False)
+
+
+class HFEngine:
+    """See the module docstring. Thread-safe public methods; torch work on one thread."""
+
+    def __init__(
+        self,
+        base_dir: Path | str,
+        *,
+        dtype: str = "fp32",
+        max_batch: int = 32,
+        max_len: int = 1024,
+        adapter_slots: int = 8,
+        max_rank: int = 16,
+        max_queue: int = 256,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch_dtype).eval()  # type: ignore[no-untyped-call]
+        config = model.config
+        if config.model_type not in SUPPORTED:
+            raise NotServable(
+                f"the hf engine serves {', '.join(SUPPORTED)} models, not {config.model_type!r}"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and max_len > window:
+            raise NotServable(f"max_len {max_len} exceeds the model's sliding window {window}")
+        self.model = model
+        self.dtype = torch_dtype
+        self.eos_token_id = config.eos_token_id
+        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.max_rank, self.adapter_slots = max_rank, adapter_slots
+        self.slots = AdapterSlots(model, adapter_slots, max_rank)
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        shape = (config.num_hidden_layers, max_batch, config.num_key_value_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=torch_dtype)
+        self.values = torch.zeros(shape, dtype=torch_dtype)
+        self.head_dim = head_dim
+        self.rows: list[_Row] = []
+        self.max_batch_seen = 0  # largest decode batch so far (tests, metrics)
+        self._pending: deque[tuple[GenerationRequest, OnEvent]] = deque()
+        self._commands: deque[tuple[Any, Future[None]]] = deque()
+        self._cancelled: set[str] = set()
+        self._resident: dict[str, int] = {}  # key -> adapter slot
+        self._users: dict[str, int] = {}  # key -> queued + running requests
+        self._unloading: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public, any thread --------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_event: OnEvent) -> None:
+        with self._cond:
+            if self._stopped:
+                raise EngineStopped("the engine is shut down")
+            if len(self._pending) >= self.max_queue:
+                raise Overloaded(f"engine queue is full ({self.max_queue} waiting); retry shortly")
+            if request.adapter is not None:
+                if request.adapter not in self._resident or request.adapter in self._unloading:
+                    raise NotServable(f"adapter {request.adapter} is not loaded in this engine")
+                self._users[request.adapter] = self._users.get(request.adapter, 0) + 1
+            self._pending.append((request, on_event))
+            self._cond.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cond:
+            self._cancelled.add(request_id)
+            self._cond.notify()
+
+    def load_adapter(self, key: str, directory: Path) -> None:
+        weights = read_adapter(directory)  # file reading off the engine thread
+        with self._cond:
+            if key in self._resident:
+                self._unloading.discard(key)
+                return
+            taken = set(self._resident.values())
+            free = [s for s in range(self.adapter_slots) if s not in taken]
+            if not free:
+                raise NoFreeSlot(f"all {self.adapter_slots} adapter slots are taken")
+            slot = free[0]
+            self._resident[key] = slot  # reserved now; usable once written
+        try:
+            self._call(lambda: self.slots.load(slot, weights))
+        except BaseException:
+            with self._cond:
+                self._resident.pop(key, None)
+            raise
+
+    def unload_adapter(self, key: str) -> None:
+        with self._cond:
+            if key not in self._resident:
+                return
+            self._unloading.add(key)
+            self._cond.notify()
+
+    def resident(self) -> list[str]:
+        with self._cond:
+            return sorted(k for k in self._resident if k not in self._unloading)
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _call(self, fn: Any) -> None:
+        """Run `fn` on the engine thread and wait for it."""
+        future: Future[None] = Future()
+        with self._cond:
+            if self._stopped:
+                raise EngineStopped("the engine is shut down")
+            self._commands.append((fn, future))
+            self._cond.notify()
+        future.result()
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not (
+                    self._stopped
+                    or self._commands
+                    or self._pending
+                    or self.rows
+                    or self._cancelled
+                    or self._unloadable()
+                ):
+                    self._cond.wait()
+                if self._stopped:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+                cancelled, self._cancelled = self._cancelled, set()
+                admitted: list[tuple[GenerationRequest, OnEvent]] = []
+                while self._pending and len(self.rows) + len(admitted) < self.max_batch:
+                    admitted.append(self._pending.popleft())
+                pending_cancel = [p for p in self._pending if p[0].request_id in cancelled]
+                for item in pending_cancel:
+                    self._pending.remove(item)
+            for fn, future in commands:
+                try:
+                    fn()
+                    future.set_result(None)
+                except BaseException as err:  # handed to the caller waiting on it
+                    future.set_exception(err)
+            for request, on_event in pending_cancel:
+                self._finish_request(request, on_event, TokenEvent(None, "cancelled"))
+            for request, on_event in admitted:
+                if request.request_id in cancelled:
+                    self._finish_request(request, on_event, TokenEvent(None, "cancelled"))
+                else:
+                    self._guarded(lambda r=request, e=on_event: self._prefill(r, e))
+            for row in self.rows:
+                if row.request.request_id in cancelled:
+                    self._end(row, TokenEvent(None, "cancelled"))
+            self._compact()
+            if self.rows:
+                self._guarded(self._decode_step)
+            self._release_unloaded()
+        self._cancel_everything()
+
+    def _guarded(self, step: Any) -> None:
+        """A failing forward pass ends the requests in it, not the engine."""
+        try:
+            step()
+        except (RuntimeError, ValueError, IndexError) as err:
+            logger.exception("engine step failed")
+            for row in self.rows:
+                self._end(row, TokenEvent(None, "error", error=f"engine error: {err}"))
+            self._compact()
+
+    def _unloadable(self) -> bool:
+        return any(self._users.get(k, 0) == 0 for k in self._unloading)
+
+    def _release_unloaded(self) -> None:
+        with self._cond:
+            done = [k for k in self._unloading if self._users.get(k, 0) == 0]
+            slots = [self._resident.pop(k) for k in done]
+            self._unloading -= set(done)
+        for slot in slots:
+            self.slots.clear(slot)
+
+    def _prefill(self, request: GenerationRequest, on_event: OnEvent) -> None:
+        prompt = request.prompt_ids
+        if not prompt or len(prompt) >= self.max_len:
+            self._finish_request(
+                request,
+                on_event,
+                TokenEvent(
+                    None,
+                    "error",
+                    error=f"prompt has {len(prompt)} tokens; this engine takes 1 to "
+                    f"{self.max_len - 1}",
+                ),
+            )
+            return
+        slot = self._resident.get(request.adapter) if request.adapter else None
+        generator = None
+        if request.params.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(
+                request.params.seed if request.params.seed is not None else torch.seed()
+            )
+        row = _Row(request, on_event, slot, length=len(prompt), generator=generator)
+        index = len(self.rows)
+        self.rows.append(row)
+        self.slots.set_rows([slot], self.dtype)
+        ids = torch.tensor([prompt])
+        logits = self._forward(ids, torch.arange(len(prompt))[None], prefill_row=index)
+        self._emit(row, self._sample(logits[0], row))
+
+    def _decode_step(self) -> None:
+        rows = self.rows
+        self.max_batch_seen = max(self.max_batch_seen, len(rows))
+        ids = torch.tensor([[r.last_token] for r in rows])
+        positions = torch.tensor([[r.length] for r in rows])
+        self.slots.set_rows([r.slot for r in rows], self.dtype)
+        logits = self._forward(ids, positions, prefill_row=None)
+        for i, row in enumerate(rows):
+            row.length += 1
+            self._emit(row, self._sample(logits[i], row))
+        self._compact()
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, prefill_row: int | None
+    ) -> torch.Tensor:
+        """Logits of the last position of each row; writes the new K/V into the buffers.
+
+        Prefill: one row, the whole prompt, causal attention within it. Decode: rows 0..n-1,
+        one token each at its own position, attending over its own KV.
+        """
+        inner = self.model.model
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        batch, steps = ids.shape
+        hidden = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(hidden, positions)
+        if prefill_row is None:
+            at = positions[:, 0]  # (batch,) where each row's new token goes
+            span = int(at.max()) + 1
+            mask = (torch.arange(span)[None, :] <= at[:, None])[:, None, None, :]
+            rows = torch.arange(batch)
+        for layer_index, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys, values = self.keys[layer_index], self.values[layer_index]
+            if prefill_row is not None:
+                keys[prefill_row, :, :steps] = k[0]
+                values[prefill_row, :, :steps] = v[0]
+                out = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=steps > 1, scale=attn.scaling, enable_gqa=True
+                )
+            else:
+                keys[rows, :, at] = k[:, :, 0]  # (batch, kv_heads, head_dim)
+                values[rows, :, at] = v[:, :, 0]
+                out = F.scaled_dot_product_attention(
+                    q,
+                    keys[:batch, :, :span],
+                    values[:batch, :, :span],
+                    attn_mask=mask,
+                    scale=attn.scaling,
+                    enable_gqa=True,
+                )
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = inner.norm(hidden[:, -1:])
+        logits: torch.Tensor = self.model.lm_head(last)[:, -1].float()
+        return logits
+
+    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+        params = row.request.params
+        if params.temperature <= 0 or row.generator is None:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            keep = ordered.cumsum(-1) - ordered < params.top_p  # always keeps the first
+            probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _emit(self, row: _Row, token: int) -> None:
+        params = row.request.params
+        if token == self.eos_token_id or token in params.stop_token_ids:
+            self._end(row, TokenEvent(None, "stop"))
+            return
+        row.last_token = token
+        row.generated += 1
+        self._deliver(row, TokenEvent(token))
+        if row.generated >= params.max_new_tokens or row.length + 1 >= self.max_len:
+            self._end(row, TokenEvent(None, "length"))
+
+    def _deliver(self, row: _Row, event: TokenEvent) -> None:
+        try:
+            row.on_event(event)
+        except Exception:  # a broken consumer must not stop the engine; its request ends
+            logger.exception("token callback of %s failed", row.request.request_id)
+            self._end(row, TokenEvent(None, "error", error="token consumer failed"))
+
+    def _end(self, row: _Row, event: TokenEvent) -> None:
+        if row.done:
+            return
+        row.done = True
+        self._finish_request(row.request, row.on_event, event)
+
+    def _finish_request(
+        self, request: GenerationRequest, on_event: OnEvent, event: TokenEvent
+    ) -> None:
+        with self._cond:
+            if request.adapter is not None:
+                self._users[request.adapter] -= 1
+        # Free a slot waiting to be unloaded before the caller hears the request ended.
+        self._release_unloaded()
+        try:
+            on_event(event)
+        except Exception:
+            logger.exception("token callback of %s failed", request.request_id)
+
+    def _compact(self) -> None:
+        """Drop finished rows, moving the last row into each hole (KV included)."""
+        i = 0
+        while i < len(self.rows):
+            if not self.rows[i].done:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                n = self.rows[last].length
+                self.keys[:, i, :, :n] = self.keys[:, last, :, :n]
+                self.values[:, i, :, :n] = self.values[:, last, :, :n]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    def _cancel_everything(self) -> None:
+        for row in self.rows:
+            self._end(row, TokenEvent(None, "cancelled"))
+        self.rows.clear()
+        with self._cond:
+            pending = list(self._pending)
+            self._pending.clear()
+            commands = list(self._commands)
+            self._commands.clear()
+        for request, on_event in pending:
+            self._finish_request(request, on_event, TokenEvent(None, "cancelled"))
+        for _, future in commands:
+            future.set_exception(EngineStopped("the engine is shut down"))
