@@ -74,6 +74,18 @@ CREATE TABLE IF NOT EXISTS events (
     below INTEGER REFERENCES events (id)
 );
 CREATE INDEX IF NOT EXISTS events_by_alias ON events (adapter, alias, id);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    response_id TEXT NOT NULL,
+    adapter TEXT,
+    version INTEGER,
+    score REAL NOT NULL,
+    correction TEXT,
+    prompt TEXT,
+    output TEXT
+);
+CREATE INDEX IF NOT EXISTS feedback_by_version ON feedback (adapter, version, id);
 """
 
 SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
@@ -138,6 +150,17 @@ class Database:
         """Run a read-only statement and return all rows."""
         with self._lock, self._busy_errors("a read"):
             return self._conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """Several reads that see one consistent state (a deferred read transaction)."""
+        with self._lock:
+            with self._busy_errors("a read"):
+                self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
 
     @contextmanager
     def write(self, what: str = "a write") -> Iterator[Transaction]:

@@ -287,6 +287,51 @@ class Registry:
         sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
         return [event_from_row(r) for r in reversed(self.db.query(sql, tuple(params)))]
 
+    def serving_snapshot(self) -> tuple[int, list[AliasRecord], dict[str, dict[int, str]]]:
+        """Revision, aliases and version states read in one consistent snapshot."""
+        with self.db.snapshot() as conn:
+            revision = int(conn.execute("SELECT revision FROM registry").fetchone()[0])
+            aliases = [
+                AliasRecord(
+                    adapter=r["adapter"],
+                    alias=r["alias"],
+                    version=r["version"],
+                    weight=r["weight"],
+                    updated_at=r["updated_at"],
+                    revision=r["revision"],
+                )
+                for r in conn.execute("SELECT * FROM aliases ORDER BY adapter, alias")
+            ]
+            states: dict[str, dict[int, str]] = {}
+            for r in conn.execute("SELECT adapter, version, state FROM versions"):
+                states.setdefault(r["adapter"], {})[r["version"]] = r["state"]
+        return revision, aliases, states
+
+    def add_feedback(
+        self,
+        response_id: str,
+        score: float,
+        *,
+        adapter: str | None,
+        version: int | None,
+        correction: str | None = None,
+        prompt: str | None = None,
+        output: str | None = None,
+    ) -> int:
+        """Store feedback on one response (kept for retraining); returns its id."""
+        with self.db.write("feedback") as txn:
+            cur = txn.execute(
+                "INSERT INTO feedback (at, response_id, adapter, version, score, correction,"
+                " prompt, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (utc_now(), response_id, adapter, version, score, correction, prompt, output),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def feedback(self, adapter: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM feedback" + (" WHERE adapter = ?" if adapter else "") + " ORDER BY id"
+        return [dict(r) for r in self.db.query(sql, (adapter,) if adapter else ())]
+
     def artifact_path(self, record: VersionRecord, *, verify: bool = True) -> Path:
         """Directory of a version's files, checked against its sha256 unless verify=False."""
         if record.purged:

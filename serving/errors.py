@@ -19,3 +19,7 @@ class NoFreeSlot(LorafleetError):
 
 class EngineStopped(LorafleetError):
     """The engine was shut down."""
+
+
+class BadRequest(LorafleetError):
+    """A request parameter is outside what this server accepts: 400 naming the field."""

@@ -1,0 +1,270 @@
+"""HTTP routes (FastAPI, mounted on the BentoML service): parse, call the server, map
+errors to status codes. This is the only place that knows about HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from registry.errors import (
+    AliasConflict,
+    CorruptArtifact,
+    InvalidName,
+    LorafleetError,
+    NotFound,
+    RegistryBusy,
+)
+from registry.names import parse_model_ref
+from serving.errors import BadRequest, EngineStopped, NotServable, Overloaded
+from serving.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    ModelRequest,
+    PromoteRequest,
+    RollbackRequest,
+)
+from serving.server import Generation, Server
+
+VERSION_HEADER = "X-Lorafleet-Adapter-Version"
+SESSION_HEADER = "X-Session-Id"
+ACTOR_HEADER = "X-Lorafleet-Actor"
+STATUS: list[tuple[type[LorafleetError], int]] = [
+    (NotFound, 404),
+    (InvalidName, 400),
+    (BadRequest, 400),
+    (NotServable, 409),
+    (AliasConflict, 409),
+    (CorruptArtifact, 409),
+    (Overloaded, 503),
+    (RegistryBusy, 503),
+    (EngineStopped, 503),
+]
+
+app = FastAPI(title="lorafleet", description="One base model, many LoRA adapters.")
+
+
+def server_of(request: Request) -> Server:
+    server: Server = request.app.state.server
+    return server
+
+
+def error_response(status: int, message: str, kind: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(LorafleetError)
+async def lorafleet_error(_: Request, err: LorafleetError) -> JSONResponse:
+    status = next((code for kind, code in STATUS if isinstance(err, kind)), 400)
+    return error_response(status, str(err), type(err).__name__)
+
+
+def require_admin(request: Request) -> str:
+    """The actor of an admin call; 401 unless the bearer token equals the admin key."""
+    key = server_of(request).config.api_key
+    given = request.headers.get("authorization", "")
+    token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
+    if not key or not hmac.compare_digest(token.encode(), key.encode()):
+        raise Unauthorized()
+    return "api:" + request.headers.get(ACTOR_HEADER, "admin")
+
+
+class Unauthorized(LorafleetError):
+    pass
+
+
+@app.exception_handler(Unauthorized)
+async def unauthorized(_: Request, __: Unauthorized) -> JSONResponse:
+    response = error_response(
+        401, "admin endpoints need Authorization: Bearer <the server's --api-key>", "Unauthorized"
+    )
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+# ---- OpenAI-compatible --------------------------------------------------------------------
+
+
+@app.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": server_of(request).models()}
+
+
+@app.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    server = server_of(request)
+    generation = await server.start(
+        body, body.prompt, chat=False, session=request.headers.get(SESSION_HEADER)
+    )
+    headers = {VERSION_HEADER: generation.served}
+    if body.stream:
+        return StreamingResponse(
+            _sse(server, generation, chat=False), media_type="text/event-stream", headers=headers
+        )
+    text = "".join([d async for d in server.deltas(generation)])
+    return JSONResponse(
+        {
+            "id": f"cmpl-{generation.id}",
+            "object": "text_completion",
+            "created": generation.created,
+            "model": generation.served,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "finish_reason": generation.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(generation),
+        },
+        headers=headers,
+    )
+
+
+@app.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    server = server_of(request)
+    prompt = server.render_chat([m.model_dump() for m in body.messages])
+    generation = await server.start(
+        body, prompt, chat=True, session=request.headers.get(SESSION_HEADER)
+    )
+    headers = {VERSION_HEADER: generation.served}
+    if body.stream:
+        return StreamingResponse(
+            _sse(server, generation, chat=True), media_type="text/event-stream", headers=headers
+        )
+    text = "".join([d async for d in server.deltas(generation)])
+    return JSONResponse(
+        {
+            "id": f"chatcmpl-{generation.id}",
+            "object": "chat.completion",
+            "created": generation.created,
+            "model": generation.served,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": generation.finish_reason,
+                }
+            ],
+            "usage": _usage(generation),
+        },
+        headers=headers,
+    )
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+
+
+async def _sse(server: Server, generation: Generation, *, chat: bool) -> AsyncIterator[str]:
+    prefix, kind = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict[str, str] = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        body = {
+            "id": f"{prefix}-{generation.id}",
+            "object": kind,
+            "created": generation.created,
+            "model": generation.served,
+            "choices": [choice],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    first = True
+    async for delta in server.deltas(generation):
+        yield chunk(delta, None, first)
+        first = False
+    yield chunk(None, generation.finish_reason, first)
+    yield "data: [DONE]\n\n"
+
+
+@app.post("/v1/feedback")
+async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
+    stored = server_of(request).feedback(body.response_id, body.score, body.correction)
+    return {"id": stored, "response_id": body.response_id, "stored": True}
+
+
+# ---- admin --------------------------------------------------------------------------------
+
+
+@app.get("/admin/residency")
+async def residency(request: Request) -> dict[str, Any]:
+    require_admin(request)
+    server = server_of(request)
+    return {
+        "engine": server.engine_name,
+        "capacity": server.engine.adapter_slots,
+        "resident": server.residency.resident(),
+        "pinned": sorted(server.residency.pinned),
+        "revision": server.router.map.revision,
+    }
+
+
+@app.post("/admin/promote")
+async def promote(body: PromoteRequest, request: Request) -> dict[str, Any]:
+    actor = require_admin(request)
+    server = server_of(request)
+    move = server.registry.set_alias(
+        body.adapter, body.alias, body.version, weight=body.weight, actor=actor, reason=body.reason
+    )
+    await _apply(server)
+    return move.to_dict()
+
+
+@app.post("/admin/rollback")
+async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
+    actor = require_admin(request)
+    server = server_of(request)
+    move = server.registry.rollback(body.adapter, body.alias, actor=actor, reason=body.reason)
+    await _apply(server)
+    return move.to_dict()
+
+
+@app.post("/admin/load")
+async def load(body: ModelRequest, request: Request) -> dict[str, Any]:
+    require_admin(request)
+    server = server_of(request)
+    target = server.router.resolve(parse_model_ref(body.model))
+    if target is None:
+        raise BadRequest("the base model is always loaded; name an adapter")
+    started = time.perf_counter()
+    await asyncio.to_thread(server.residency.ensure, target)
+    return {"loaded": target.key, "seconds": round(time.perf_counter() - started, 4)}
+
+
+@app.post("/admin/unload")
+async def unload(body: ModelRequest, request: Request) -> dict[str, Any]:
+    require_admin(request)
+    server = server_of(request)
+    target = server.router.resolve(parse_model_ref(body.model))
+    if target is None:
+        raise BadRequest("the base model cannot be unloaded; name an adapter")
+    if target.key in server.residency.pinned:
+        raise NotServable(f"{target.key} is pinned; it stays resident")
+    return {"unloaded": target.key if server.residency.unload(target.key) else None}
+
+
+async def _apply(server: Server) -> None:
+    """Make an alias move through this server take effect before the response."""
+    await asyncio.to_thread(server.refresh)

@@ -1,0 +1,86 @@
+"""`lorafleet serve`: validate the server config, then run the BentoML service."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+SERVE_HELP = """Serve one base model and the registry's adapters over an OpenAI-compatible
+HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /v1/feedback), with an admin
+API behind --api-key and Prometheus metrics at /metrics. Alias changes in the registry (from
+any process) take effect within a second."""
+
+
+def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Entry point: add `lorafleet serve`."""
+    p = commands.add_parser(
+        "serve", help="serve the base model and its adapters over HTTP", description=SERVE_HELP
+    )
+    p.add_argument("--base", type=Path, required=True, help="base model directory")
+    p.add_argument("--home", type=Path, help="registry directory (default $LORAFLEET_HOME)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3000, help="listen port (default 3000)")
+    p.add_argument("--engine", choices=["auto", "hf"], default="auto", help="inference engine")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="base weights dtype")
+    p.add_argument("--max-adapters", type=int, default=8, help="adapter versions resident at once")
+    p.add_argument("--max-rank", type=int, default=16, help="largest LoRA rank served")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-len", type=int, default=1024, help="prompt + completion tokens")
+    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAFLEET_API_KEY"),
+        help="admin API key (default $LORAFLEET_API_KEY; admin is off without one)",
+    )
+    p.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="keep this adapter's production and canary versions resident",
+    )
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from registry.errors import LorafleetError
+    from registry.registry import Registry
+    from serving.config import CONFIG_ENV, ServeConfig
+
+    try:
+        config = ServeConfig(
+            base=args.base.resolve(),
+            home=args.home.resolve() if args.home else None,
+            engine=args.engine,
+            dtype=args.dtype,
+            max_adapters=args.max_adapters,
+            max_rank=args.max_rank,
+            max_batch=args.max_batch,
+            max_len=args.max_len,
+            max_tokens_limit=args.max_tokens_limit,
+            api_key=args.api_key,
+            pinned=args.pin,
+        )
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise LorafleetError(f"invalid serve options: {problems}") from err
+    Registry(config.home).close()  # a missing registry is a one-line error here, not in a worker
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
+    os.environ[CONFIG_ENV] = config.to_env()
+    os.execv(
+        bentoml,
+        [
+            bentoml,
+            "serve",
+            "serving.service:LoraFleet",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+        ],
+    )

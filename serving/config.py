@@ -1,0 +1,58 @@
+"""The server's one config object: set by `lorafleet serve`, passed to the BentoML service
+in the LORAFLEET_SERVE_CONFIG environment variable (JSON), validated at load time."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from registry.errors import LorafleetError
+
+CONFIG_ENV = "LORAFLEET_SERVE_CONFIG"
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    base: Path
+    """Base model directory; must be the registry's base."""
+    home: Path | None = None
+    """Registry directory (default $LORAFLEET_HOME or ~/.lorafleet)."""
+    engine: Literal["auto", "hf"] = "auto"
+    """auto: the hf engine (the vllm engine is not part of this build yet)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Base weights dtype of the hf engine."""
+    max_adapters: int = Field(8, ge=1, le=1024)
+    """Adapter versions resident at once (engine slots)."""
+    max_rank: int = Field(16, ge=1, le=1024)
+    """Largest LoRA rank the engine serves."""
+    max_batch: int = Field(32, ge=1, le=1024)
+    """Requests decoded together."""
+    max_len: int = Field(1024, ge=16)
+    """Prompt plus completion tokens per request."""
+    max_queue: int = Field(256, ge=1)
+    """Requests waiting for a batch row before 503."""
+    max_tokens_limit: int = Field(512, ge=1)
+    """Largest max_tokens a request may ask for."""
+    api_key: str | None = None
+    """Key of the admin API (Authorization: Bearer KEY); admin is off without one."""
+    pinned: list[str] = []
+    """Adapters whose production and canary versions stay resident."""
+    poll_interval_s: float = Field(0.25, gt=0, le=60)
+    """How often the registry revision is checked."""
+
+    def to_env(self) -> str:
+        return self.model_dump_json()
+
+
+def load_serve_config() -> ServeConfig:
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise LorafleetError(f"{CONFIG_ENV} is not set; start the server with `lorafleet serve`")
+    try:
+        return ServeConfig.model_validate(json.loads(raw))
+    except (ValidationError, ValueError) as err:
+        raise LorafleetError(f"invalid {CONFIG_ENV}: {err}") from err

@@ -1,0 +1,119 @@
+"""Residency: which adapter versions are loaded in the engine.
+
+An LRU bounded by the engine's slots; pinned keys (the production and canary versions of
+pinned adapters, and versions being swapped in) are never evicted. Loading verifies the
+artifact's sha256 first, so a file changed on disk is refused and the previous version keeps
+serving. An evicted version's slot is freed by the engine once its admitted requests end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+from registry import Registry
+from serving.engine import Engine
+from serving.errors import NoFreeSlot, NotServable, Overloaded
+from serving.metrics import ADAPTER_LOAD_SECONDS, ADAPTERS_LOADED, CACHE_EVENTS
+from serving.routing import Target
+
+logger = logging.getLogger(__name__)
+SLOT_WAIT_S = 30.0
+
+
+class Residency:
+    def __init__(self, engine: Engine, engine_name: str, registry: Registry) -> None:
+        self.engine = engine
+        self.engine_name = engine_name
+        self.registry = registry
+        self.pinned: set[str] = set()
+        self._lru: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Event] = {}
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._lru)
+
+    def ensure(self, target: Target) -> None:
+        """Make `target` resident (blocking); NotServable / Overloaded if it cannot be."""
+        key = target.key
+        while True:
+            with self._lock:
+                if key in self._lru:
+                    self._lru.move_to_end(key)
+                    CACHE_EVENTS.labels("hit").inc()
+                    return
+                waiting = self._loading.get(key)
+                if waiting is None:
+                    self._loading[key] = threading.Event()
+                    break
+            waiting.wait(SLOT_WAIT_S)
+        try:
+            CACHE_EVENTS.labels("miss").inc()
+            started = time.perf_counter()
+            self._load(target)
+            ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - started)
+            with self._lock:
+                self._lru[key] = None
+                ADAPTERS_LOADED.set(len(self._lru))
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
+
+    def _load(self, target: Target) -> None:
+        record = self.registry.get_version(target.adapter, target.version)
+        why = record.unservable.get(self.engine_name)
+        if why:
+            raise NotServable(f"{record.ref} cannot be served: {why}")
+        if record.rank > self.engine.max_rank:
+            raise NotServable(
+                f"{record.ref} has rank {record.rank} > max rank {self.engine.max_rank} of this "
+                f"server; start it with --max-rank {record.rank}"
+            )
+        path = self.registry.artifact_path(record)  # verifies sha256
+        deadline = time.monotonic() + SLOT_WAIT_S
+        last_eviction = float("-inf")
+        while True:
+            try:
+                self.engine.load_adapter(target.key, path)
+                logger.info("loaded %s", target.key)
+                return
+            except NoFreeSlot:
+                now = time.monotonic()
+                # An evicted slot frees when its last admitted request ends: give it a
+                # second before evicting another version.
+                if now - last_eviction > 1.0 and self._evict_one():
+                    last_eviction = now
+                elif now > deadline:
+                    raise Overloaded(
+                        f"no adapter slot frees up for {target.key}: all "
+                        f"{self.engine.adapter_slots} are pinned or busy; raise --max-adapters"
+                    ) from None
+                time.sleep(0.02)
+
+    def _evict_one(self) -> bool:
+        with self._lock:
+            protected = self.pinned | set(self._loading)
+            for key in self._lru:
+                if key not in protected:
+                    del self._lru[key]
+                    ADAPTERS_LOADED.set(len(self._lru))
+                    break
+            else:
+                return False
+        self.engine.unload_adapter(key)
+        CACHE_EVENTS.labels("evict").inc()
+        logger.info("evicted %s", key)
+        return True
+
+    def unload(self, key: str) -> bool:
+        with self._lock:
+            if key not in self._lru:
+                return False
+            del self._lru[key]
+            ADAPTERS_LOADED.set(len(self._lru))
+        self.engine.unload_adapter(key)
+        return True

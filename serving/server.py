@@ -1,0 +1,306 @@
+"""The server's state and request flow, apart from HTTP: engine, registry, router,
+residency, the registry poller (hot-swap), metrics and recent responses for feedback.
+
+Hot-swap: a thread polls the registry revision. On a change it reads the new alias map,
+loads every newly targeted version of an adapter in use *before* swapping the map in, and
+keeps the old target of an alias whose new version cannot be loaded (e.g. a tampered
+artifact). Requests hold the version they were admitted with until they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from registry import Registry
+from registry.basemodel import inspect_base
+from registry.errors import LorafleetError, NotFound
+from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, parse_model_ref
+from serving.config import ServeConfig
+from serving.engine import Engine, GenerationRequest, SamplingParams, TokenEvent
+from serving.errors import BadRequest
+from serving.metrics import (
+    COMPLETION_TOKENS,
+    PROMPT_TOKENS,
+    QUEUE_DEPTH,
+    REGISTRY_REVISION,
+    REQUEST_SECONDS,
+    REQUESTS,
+    TTFT_SECONDS,
+)
+from serving.residency import Residency
+from serving.routing import AliasMap, Router, Target
+from serving.schemas import SamplingFields
+
+logger = logging.getLogger(__name__)
+RECENT_RESPONSES = 10_000
+
+
+@dataclass
+class Generation:
+    """One admitted request: its id, what serves it, and its token events."""
+
+    id: str
+    target: Target | None
+    prompt: str
+    prompt_tokens: int
+    stops: list[str]
+    queue: asyncio.Queue[TokenEvent]
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def served(self) -> str:
+        return self.target.key if self.target else "base"
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """Metric labels: adapter and version ("base", "0" for the base model)."""
+        t = self.target
+        return (t.adapter, str(t.version)) if t else ("base", "0")
+
+
+class Server:
+    def __init__(self, config: ServeConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.registry = Registry(config.home)
+        fingerprint = inspect_base(config.base).fingerprint
+        if fingerprint != self.registry.base.fingerprint:
+            raise LorafleetError(
+                f"base {config.base} has fingerprint {fingerprint} but the registry at "
+                f"{self.registry.home} is bound to {self.registry.base.fingerprint}; serve "
+                f"{self.registry.base.path} or use the registry of this base (--home)"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(config.base))
+        self.engine_name, self.engine = build_engine(config)
+        self.residency = Residency(self.engine, self.engine_name, self.registry)
+        self.router = Router(AliasMap.load(self.registry))
+        REGISTRY_REVISION.set(self.router.map.revision)
+        self._recent: OrderedDict[str, Generation] = OrderedDict()
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._in_flight = 0
+        self._preload_pinned(self.router.map)
+        self._poller = threading.Thread(target=self._poll, name="registry-poller", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(timeout=5)
+        self.engine.shutdown()
+        self.registry.close()
+
+    # ---- hot-swap ------------------------------------------------------------------------
+
+    def _pinned_targets(self, aliases: AliasMap) -> dict[tuple[str, str], Target]:
+        return {
+            key: target
+            for key, target in aliases.targets().items()
+            if target.adapter in self.config.pinned and key[1] in (DEFAULT_ALIAS, CANARY_ALIAS)
+        }
+
+    def _preload_pinned(self, aliases: AliasMap) -> None:
+        targets = self._pinned_targets(aliases)
+        self.residency.pinned = {t.key for t in targets.values()}
+        for target in targets.values():
+            self.residency.ensure(target)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.config.poll_interval_s):
+            try:
+                self.refresh()
+            except LorafleetError as err:  # registry busy: keep serving from the old map
+                logger.warning("registry poll failed: %s", err)
+
+    def refresh(self) -> bool:
+        """Apply the registry's current aliases; True if the map changed."""
+        with self._refresh_lock:
+            if self.registry.revision() == self.router.map.revision:
+                return False
+            old, new = self.router.map, AliasMap.load(self.registry)
+            in_use = {k.split("@")[0] for k in self.residency.resident()} | set(self.config.pinned)
+            for key, target in new.targets().items():
+                if old.aliases.get(key, (None, None))[0] == target.version:
+                    continue
+                if target.adapter not in in_use:
+                    continue  # loaded on first request
+                try:
+                    self.residency.ensure(target)
+                except LorafleetError as err:
+                    logger.error("keeping %s:%s on its old version: %s", *key, err)
+                    new = new.with_alias(key, old.aliases.get(key))
+            self.residency.pinned = {t.key for t in self._pinned_targets(new).values()}
+            self.router.swap(new)
+            REGISTRY_REVISION.set(new.revision)
+            logger.info("alias map at revision %d", new.revision)
+            return True
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+
+    async def start(
+        self, body: SamplingFields, prompt: str, *, chat: bool, session: str | None
+    ) -> Generation:
+        """Resolve, make resident, tokenize, check bounds and submit; errors before output."""
+        stops = _stops(body)
+        if body.max_tokens > self.config.max_tokens_limit:
+            raise BadRequest(
+                f"max_tokens {body.max_tokens} > {self.config.max_tokens_limit}, the limit of "
+                "this server; ask for fewer tokens"
+            )
+        target = self.router.resolve(parse_model_ref(body.model), session)
+        if target is not None:
+            await asyncio.to_thread(self.residency.ensure, target)
+        ids = self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+        if not ids:
+            raise BadRequest("prompt is empty after tokenization; send some text")
+        if len(ids) + body.max_tokens > self.config.max_len:
+            raise BadRequest(
+                f"prompt has {len(ids)} tokens; with max_tokens {body.max_tokens} that exceeds "
+                f"max_len {self.config.max_len} of this server; shorten the prompt or max_tokens"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        generation = Generation(uuid.uuid4().hex, target, prompt, len(ids), stops, queue)
+        params = SamplingParams(
+            max_new_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
+        request = GenerationRequest(generation.id, ids, params, target.key if target else None)
+
+        def on_event(event: TokenEvent) -> None:  # engine thread: only hand over
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        self.engine.submit(request, on_event)
+        self._in_flight += 1
+        QUEUE_DEPTH.set(self._in_flight)
+        PROMPT_TOKENS.labels(*generation.labels).inc(len(ids))
+        return generation
+
+    async def deltas(self, generation: Generation) -> AsyncIterator[str]:
+        """Text deltas as tokens arrive; sets finish_reason. Cancels the engine request if
+        the consumer goes away (client disconnect)."""
+        tokens: list[int] = []
+        started = time.perf_counter()
+        adapter, version = generation.labels
+        try:
+            while True:
+                event = await generation.queue.get()
+                if event.token_id is None:
+                    generation.finish_reason = event.finish_reason
+                    if event.error:
+                        logger.error("request %s failed: %s", generation.id, event.error)
+                    break
+                if not tokens:
+                    TTFT_SECONDS.labels(adapter, version).observe(time.perf_counter() - started)
+                tokens.append(event.token_id)
+                generation.completion_tokens = len(tokens)
+                text = str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+                if text.endswith("\ufffd"):
+                    continue  # the rest of a multi-byte character is still to come
+                cut = _first_stop(text, generation.stops, len(generation.text))
+                if cut is not None:
+                    text = text[:cut]
+                    self.engine.cancel(generation.id)
+                    generation.finish_reason = "stop"
+                delta, generation.text = text[len(generation.text) :], text
+                if delta:
+                    yield delta
+                if cut is not None:
+                    break
+        finally:
+            if generation.finish_reason is None:
+                self.engine.cancel(generation.id)
+                generation.finish_reason = "cancelled"
+            self._in_flight -= 1
+            QUEUE_DEPTH.set(self._in_flight)
+            status = {"stop": "ok", "length": "ok"}.get(
+                generation.finish_reason, generation.finish_reason
+            )
+            REQUESTS.labels(adapter, version, status).inc()
+            REQUEST_SECONDS.labels(adapter, version).observe(time.perf_counter() - started)
+            COMPLETION_TOKENS.labels(adapter, version).inc(len(tokens))
+            self._remember(generation)
+
+    def _remember(self, generation: Generation) -> None:
+        self._recent[generation.id] = generation
+        while len(self._recent) > RECENT_RESPONSES:
+            self._recent.popitem(last=False)
+
+    def feedback(self, response_id: str, score: float, correction: str | None) -> int:
+        generation = self._recent.get(response_id.removeprefix("cmpl-").removeprefix("chatcmpl-"))
+        if generation is None:
+            raise NotFound(
+                f"unknown response id {response_id!r}; feedback is taken for the last "
+                f"{RECENT_RESPONSES} responses of this server"
+            )
+        target = generation.target
+        return self.registry.add_feedback(
+            response_id,
+            score,
+            adapter=target.adapter if target else None,
+            version=target.version if target else None,
+            correction=correction,
+            prompt=generation.prompt,
+            output=generation.text,
+        )
+
+    def models(self) -> list[dict[str, Any]]:
+        current = self.router.map
+        out: list[dict[str, Any]] = [{"id": "base", "object": "model", "owned_by": "lorafleet"}]
+        for adapter, states in sorted(current.versions.items()):
+            aliases = {a: v for (n, a), (v, _) in current.aliases.items() if n == adapter}
+            out.append(
+                {
+                    "id": adapter,
+                    "object": "model",
+                    "owned_by": "lorafleet",
+                    "versions": sorted(v for v, s in states.items() if s == "active"),
+                    "aliases": aliases,
+                }
+            )
+        return out
+
+
+def _stops(body: SamplingFields) -> list[str]:
+    try:
+        return body.stop_list()
+    except ValueError as err:
+        raise BadRequest(f"stop: {err}") from err
+
+
+def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
+    """Index where the earliest stop string starts, searching only where it can be new."""
+    found = [i for s in stops if (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(found) if found else None
+
+
+def build_engine(config: ServeConfig) -> tuple[str, Engine]:
+    from serving.engines.hf import HFEngine
+
+    return "hf", HFEngine(
+        config.base,
+        dtype=config.dtype,
+        max_batch=config.max_batch,
+        max_len=config.max_len,
+        adapter_slots=config.max_adapters,
+        max_rank=config.max_rank,
+        max_queue=config.max_queue,
+    )

@@ -1,0 +1,35 @@
+"""The BentoML service: one worker owns the engine; the HTTP routes (serving/app.py) are
+mounted on it. Configured by `lorafleet serve` through LORAFLEET_SERVE_CONFIG."""
+
+from __future__ import annotations
+
+import logging
+
+import bentoml
+
+from serving.app import app
+from serving.config import load_serve_config
+from serving.server import Server
+
+logger = logging.getLogger(__name__)
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="lorafleet",
+    workers=1,  # one engine, one process: all torch work on its engine thread
+    traffic={"timeout": 600, "max_concurrency": 1024},
+)
+class LoraFleet:
+    def __init__(self) -> None:
+        self.server = Server(load_serve_config())
+        app.state.server = self.server
+        logger.info(
+            "lorafleet serving %s with the %s engine",
+            self.server.config.base,
+            self.server.engine_name,
+        )
+
+    @bentoml.on_shutdown  # type: ignore[untyped-decorator]
+    def shutdown(self) -> None:
+        self.server.close()

@@ -1,0 +1,350 @@
+"""The real service (`lorafleet serve`, BentoML, hf engine) on a free localhost port, driven
+with the official openai client: every endpoint, streaming, errors, admin auth, hot-swap
+from another process and under concurrent load, feedback, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from registry import Registry
+
+LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
+KEY = "test-admin-key"
+PROMPTS = ["Review: the pizza was great.\nSentiment:", "Add: 3 + 4 =", "The customer sends"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    def __init__(self, url: str, home: Path, adapters: dict[str, Path], base: Path) -> None:
+        self.url, self.home, self.adapters, self.base = url, home, adapters, base
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        self.http = httpx.Client(base_url=url, timeout=60)
+
+    def admin(
+        self, path: str, body: dict[str, object] | None = None, key: str = KEY
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}", "X-Lorafleet-Actor": "tester"}
+        if body is None:
+            return self.http.get(path, headers=headers)
+        return self.http.post(path, json=body, headers=headers)
+
+    def served(self, model: str, prompt: str = PROMPTS[0], **kw: object) -> tuple[str, str]:
+        response = self.http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, **kw},
+        )
+        assert response.status_code == 200, response.text
+        return response.headers["X-Lorafleet-Adapter-Version"], response.json()["choices"][0][
+            "text"
+        ]
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, adapter_factory: Callable[..., Path]
+) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("serve") / "home"
+    registry = Registry.create(home, tiny_base)
+    adapters = {
+        "alpha@1": adapter_factory(tiny_base, rank=4, seed=21),
+        "alpha@2": adapter_factory(tiny_base, rank=8, seed=22, targets=("q_proj", "o_proj")),
+        "beta@1": adapter_factory(tiny_base, rank=4, seed=23, targets=("v_proj", "down_proj")),
+    }
+    for key, path in adapters.items():
+        registry.register(key.split("@")[0], path)
+    registry.promote("alpha", 1)
+    registry.promote("beta", 1)
+    registry.close()
+    port = free_port()
+    env = {**os.environ, "LORAFLEET_HOME": str(home)}
+    proc = subprocess.Popen(
+        [
+            LORAFLEET,
+            "serve",
+            "--base",
+            str(tiny_base),
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+            "--max-adapters",
+            "3",
+            "--max-len",
+            "256",
+            "--max-tokens-limit",
+            "64",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.5)
+    else:
+        raise RuntimeError("server did not become ready in 120 s")
+    yield Service(url, home, adapters, tiny_base)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def reference(base: Path, adapter: Path | None, prompt: str, n: int) -> str:
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def test_models_lists_base_adapters_versions_and_aliases(service: Service) -> None:
+    models = {m.id: m for m in service.client.models.list().data}
+    assert set(models) == {"base", "alpha", "beta"}
+    assert models["alpha"].model_extra == {"versions": [1, 2], "aliases": {"production": 1}}
+
+
+def test_completions_equal_peft_for_each_model(service: Service) -> None:
+    for model, key in (
+        ("base", None),
+        ("alpha", "alpha@1"),
+        ("alpha@2", "alpha@2"),
+        ("beta", "beta@1"),
+    ):
+        for prompt in PROMPTS:
+            result = service.client.completions.create(
+                model=model, prompt=prompt, max_tokens=6, temperature=0
+            )
+            assert result.model == (key or "base")
+            expected = reference(service.base, service.adapters[key] if key else None, prompt, 6)
+            assert result.choices[0].text == expected, (model, prompt)
+
+
+def test_concurrent_mixed_requests_equal_sequential(service: Service) -> None:
+    models = ["base", "alpha", "beta", "alpha@2"] * 3
+    sequential = [service.served(m, p) for m, p in zip(models, PROMPTS * 4, strict=True)]
+    results: list[tuple[str, str] | None] = [None] * len(models)
+
+    def call(i: int) -> None:
+        results[i] = service.served(models[i], (PROMPTS * 4)[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == sequential
+
+
+def test_chat_stream_equals_non_stream(service: Service) -> None:
+    messages = [{"role": "user", "content": "Add: 2 + 2 ="}]
+    whole = service.client.chat.completions.create(
+        model="beta",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+    )
+    chunks = list(
+        service.client.chat.completions.create(
+            model="beta", messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+    )  # type: ignore[arg-type]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == whole.choices[0].message.content
+    assert all(c.model == "beta@1" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    text_chunks = list(
+        service.client.completions.create(
+            model="alpha", prompt=PROMPTS[1], max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert (
+        "".join(c.choices[0].text for c in text_chunks)
+        == service.served("alpha", PROMPTS[1], max_tokens=5)[1]
+    )
+
+
+def test_errors_name_what_is_wrong(service: Service) -> None:
+    with pytest.raises(openai.NotFoundError, match="models: base, alpha, beta"):
+        service.client.completions.create(model="gamma", prompt="x")
+    with pytest.raises(openai.NotFoundError, match="has no alias 'staging'"):
+        service.client.completions.create(model="alpha:staging", prompt="x")
+    with pytest.raises(openai.NotFoundError, match="alpha@9 does not exist; active versions: 1, 2"):
+        service.client.completions.create(model="alpha@9", prompt="x")
+    cases = [
+        ({"temperature": -1}, 422, "temperature"),
+        ({"top_p": 0}, 422, "top_p"),
+        ({"max_tokens": 0}, 422, "max_tokens"),
+        ({"max_tokens": 65}, 400, "max_tokens 65 > 64"),
+        ({"colour": "red"}, 422, "colour"),
+        ({"prompt": "word " * 400}, 400, "exceeds max_len 256"),
+        ({"model": "Bad Name"}, 400, "invalid"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ]
+    for extra, status, fragment in cases:
+        body = {"model": "alpha", "prompt": "x", **extra}
+        response = service.http.post("/v1/completions", json=body)
+        assert response.status_code == status, (extra, response.text)
+        assert fragment in response.text, (extra, response.text)
+    bad_json = service.http.post(
+        "/v1/completions", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert bad_json.status_code == 422
+
+
+def test_admin_needs_the_key(service: Service) -> None:
+    assert service.http.get("/admin/residency").status_code == 401
+    assert service.admin("/admin/residency", key="wrong").status_code == 401
+    body = {"adapter": "alpha", "version": 2}
+    assert service.admin("/admin/promote", body, key="wrong").status_code == 401
+    assert service.served("alpha")[0] == "alpha@1"  # nothing changed
+    residency = service.admin("/admin/residency").json()
+    assert residency["capacity"] == 3 and residency["engine"] == "hf"
+
+
+def test_admin_promote_and_rollback_take_effect_and_are_recorded(service: Service) -> None:
+    moved = service.admin("/admin/promote", {"adapter": "alpha", "version": 2, "reason": "test"})
+    assert moved.status_code == 200, moved.text
+    assert service.served("alpha")[0] == "alpha@2"  # effective before the response returned
+    assert (
+        service.admin("/admin/rollback", {"adapter": "alpha", "reason": "back"}).status_code == 200
+    )
+    assert service.served("alpha")[0] == "alpha@1"
+    registry = Registry(service.home)
+    history = registry.history("alpha", "production")
+    assert [(e.actor, e.reason) for e in history[-2:]] == [
+        ("api:tester", "test"),
+        ("api:tester", "back"),
+    ]
+    refused = service.admin("/admin/promote", {"adapter": "alpha", "version": 7})
+    assert refused.status_code == 404 and "its versions: 1, 2" in refused.text
+
+
+def test_alias_moved_by_another_process_takes_effect_within_a_second(service: Service) -> None:
+    registry = Registry(service.home)
+    registry.promote("beta", 1)  # no-op, state known
+    assert service.served("beta")[0] == "beta@1"
+    registry.promote("alpha", 2, reason="from another process")
+    started = time.monotonic()
+    while service.served("alpha")[0] != "alpha@2":
+        assert time.monotonic() - started < 1.5, "alias change not applied within 1.5 s"
+        time.sleep(0.05)
+    registry.rollback("alpha")
+    while service.served("alpha")[0] != "alpha@1":
+        assert time.monotonic() - started < 3.0
+        time.sleep(0.05)
+
+
+def test_swaps_under_concurrent_load_fail_no_request(service: Service) -> None:
+    registry = Registry(service.home)
+    stop = threading.Event()
+    seen: list[str] = []
+    failures: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=service.url, timeout=60) as http:
+            while not stop.is_set():
+                r = http.post(
+                    "/v1/completions",
+                    json={
+                        "model": "alpha",
+                        "prompt": PROMPTS[2],
+                        "max_tokens": 8,
+                        "temperature": 0,
+                    },
+                )
+                if r.status_code != 200:
+                    failures.append(r.text)
+                else:
+                    seen.append(r.headers["X-Lorafleet-Adapter-Version"])
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for _ in range(10):
+        registry.promote("alpha", 2, reason="load test")
+        time.sleep(0.3)
+        registry.rollback("alpha", reason="load test")
+        time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert set(seen) == {"alpha@1", "alpha@2"} and len(seen) > 20
+
+
+def test_feedback_is_stored_with_the_response(service: Service) -> None:
+    result = service.client.completions.create(
+        model="beta", prompt=PROMPTS[1], max_tokens=3, temperature=0
+    )
+    stored = service.http.post(
+        "/v1/feedback", json={"response_id": result.id, "score": -1, "correction": " 7"}
+    )
+    assert stored.status_code == 200, stored.text
+    rows = Registry(service.home).feedback("beta")
+    assert rows[-1]["response_id"] == result.id and rows[-1]["version"] == 1
+    assert rows[-1]["correction"] == " 7" and rows[-1]["output"] == result.choices[0].text
+    assert rows[-1]["prompt"] == PROMPTS[1]
+    unknown = service.http.post("/v1/feedback", json={"response_id": "cmpl-nope", "score": 1})
+    assert unknown.status_code == 404
+    assert (
+        service.http.post("/v1/feedback", json={"response_id": "x", "score": 3}).status_code == 422
+    )
+
+
+def test_metrics_are_labelled_by_adapter_and_version(service: Service) -> None:
+    service.served("alpha")
+    text = service.http.get("/metrics").text
+    for name in (
+        "lorafleet_requests_total",
+        "lorafleet_request_duration_seconds_bucket",
+        "lorafleet_time_to_first_token_seconds_bucket",
+        "lorafleet_prompt_tokens_total",
+        "lorafleet_completion_tokens_total",
+        "lorafleet_adapter_cache_events_total",
+        "lorafleet_adapters_loaded",
+        "lorafleet_adapter_load_seconds_bucket",
+    ):
+        assert name in text, name
+    assert 'lorafleet_requests_total{adapter="alpha",status="ok",version="1"}' in text
