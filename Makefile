@@ -39,7 +39,7 @@ test: lint
 	$(VENV)/bin/pytest
 
 demo: setup
-	bash examples/demo.sh
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

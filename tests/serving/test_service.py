@@ -5,6 +5,7 @@ from another process and under concurrent load, feedback, metrics."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -348,3 +349,27 @@ def test_metrics_are_labelled_by_adapter_and_version(service: Service) -> None:
     ):
         assert name in text, name
     assert 'lorafleet_requests_total{adapter="alpha",status="ok",version="1"}' in text
+
+
+def test_promtool_finds_no_problems_in_our_metrics(service: Service) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (see .ci/run)"
+    service.served("beta")
+    lines = service.http.get("/metrics").text.splitlines()
+    ours = [
+        line
+        for line in lines
+        if line.startswith("lorafleet_")
+        or line.startswith(("# HELP lorafleet_", "# TYPE lorafleet_"))
+    ]
+    assert len(ours) > 20
+    out = subprocess.run(
+        [promtool, "check", "metrics"],
+        input="\n".join(ours) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", (
+        out.stdout + out.stderr
+    )

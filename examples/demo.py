@@ -1,0 +1,187 @@
+"""`make demo`: tune, register, serve and hot-swap adapters end to end on the CPU.
+
+Builds a tiny base model, fine-tunes two adapters on the example tasks, registers and
+promotes them, starts `lorafleet serve`, asks the base and each adapter, then registers a
+new version and promotes and rolls it back while a background client keeps sending
+requests, and prints what served each request. Files go to $DEMO_DIR (default .demo).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from itertools import groupby
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
+DIR = Path(os.environ.get("DEMO_DIR", ROOT / ".demo"))
+ENV = {**os.environ, "LORAFLEET_HOME": str(DIR / "registry"), "LORAFLEET_ACTOR": "demo"}
+QUESTIONS = [
+    ("Review: the coffee was awful and the staff was rude.\nSentiment:", ("base", "sentiment")),
+    ("Review: the room was lovely and the service was excellent.\nSentiment:", ("sentiment",)),
+    ("Text: we talked about the guitar, the album and the drum.\nTopic:", ("base", "topic")),
+    ("Text: we talked about the flight, the beach and the map.\nTopic:", ("topic",)),
+]
+
+
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def lorafleet(*args: str, quiet: bool = False) -> None:
+    print(f"$ lorafleet {' '.join(args)}", flush=True)
+    out = subprocess.run([LORAFLEET, *args], env=ENV, cwd=ROOT, capture_output=quiet, text=True)
+    if out.returncode != 0:
+        sys.exit(f"demo failed: lorafleet {' '.join(args)}\n{out.stderr if quiet else ''}")
+
+
+def tune(task: str, run: str, *extra: str) -> None:
+    lorafleet(
+        "tune",
+        f"examples/{task}.yaml",
+        f"base={DIR / 'base'}",
+        f"output.dir={DIR / 'runs' / run}",
+        *extra,
+        quiet=True,
+    )
+    print(f"   -> {DIR / 'runs' / run / 'adapter'} (loss curve: loss.png)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def complete(http: httpx.Client, model: str, prompt: str) -> tuple[str, str]:
+    r = http.post(
+        "/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0},
+    )
+    r.raise_for_status()
+    return r.headers["X-Lorafleet-Adapter-Version"], r.json()["choices"][0]["text"]
+
+
+def main() -> None:
+    shutil.rmtree(DIR, ignore_errors=True)
+    DIR.mkdir(parents=True)
+    step("build a tiny Llama base model with its own tokenizer (no downloads)")
+    lorafleet("base", "tiny", "--out", str(DIR / "base"))
+    lorafleet("registry", "init", "--base", str(DIR / "base"))
+    step("fine-tune two adapters on the example tasks and register them")
+    tune("sentiment", "sentiment-1", "--register", "sentiment")
+    tune("topic", "topic-1", "--register", "topic")
+    tune("sentiment", "sentiment-2", "training.seed=1")  # registered later, under load
+    lorafleet("registry", "promote", "sentiment", "1", "--reason", "launch")
+    lorafleet("registry", "promote", "topic", "1", "--reason", "launch")
+
+    step("start the service")
+    port = free_port()
+    log = (DIR / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            LORAFLEET,
+            "serve",
+            "--base",
+            str(DIR / "base"),
+            "--port",
+            str(port),
+            "--api-key",
+            "demo-key",
+        ],
+        env=ENV,
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    print(f"$ lorafleet serve --base {DIR / 'base'} --port {port} --api-key ***")
+    try:
+        http = httpx.Client(base_url=url, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"demo failed: the server did not start; see {DIR / 'server.log'}")
+            time.sleep(0.5)
+        print(f"   ready at {url}")
+        serve_phase(http)
+    finally:
+        step("stop the service")
+        os.killpg(server.pid, signal.SIGTERM)
+        code = server.wait(timeout=60)
+        print(f"   stopped (exit code {code})")
+
+
+def serve_phase(http: httpx.Client) -> None:
+    step("ask the base model and each adapter (greedy, up to 10 tokens)")
+    for prompt, models in QUESTIONS:
+        for model in models:
+            served, text = complete(http, model, prompt)
+            print(f"   {prompt.splitlines()[0][:58]:<58} {served:<12} -> {text!r}")
+
+    step("a new version while a client keeps sending requests")
+    stop = threading.Event()
+    seen: list[str] = []
+    failed: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as own:
+            while not stop.is_set():
+                try:
+                    seen.append(complete(own, "sentiment", QUESTIONS[0][0])[0])
+                except httpx.HTTPError as err:
+                    failed.append(str(err))
+
+    background = threading.Thread(target=client)
+    background.start()
+    time.sleep(1.0)
+    lorafleet(
+        "registry",
+        "register",
+        "sentiment",
+        str(DIR / "runs" / "sentiment-2" / "adapter"),
+        "--reason",
+        "new seed",
+    )
+    lorafleet("registry", "promote", "sentiment", "2", "--reason", "new seed")
+    time.sleep(1.5)
+    lorafleet("registry", "rollback", "sentiment", "--reason", "demo rollback")
+    time.sleep(1.5)
+    stop.set()
+    background.join()
+    runs = " -> ".join(f"{version} x{len(list(group))}" for version, group in groupby(seen))
+    print(f"   versions served, in order: {runs}")
+    print(f"   {len(seen)} requests, {len(failed)} failed")
+    if failed or "sentiment@2" not in seen or seen[-1] != "sentiment@1":
+        sys.exit(f"demo failed: {failed[:3] or 'the swap was not observed'}")
+    lorafleet("registry", "history", "sentiment")
+
+    step("metrics excerpt (GET /metrics)")
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(
+            (
+                "lorafleet_requests_total",
+                "lorafleet_adapters_loaded",
+                "lorafleet_adapter_cache_events_total",
+            )
+        ):
+            print(f"   {line}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""`bentoml build` packages the service offline from bentofile.yaml."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bentoml_build_offline(tmp_path: Path) -> None:
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
+    out = subprocess.run(
+        [bentoml, "build", str(ROOT)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (bento,) = [p for p in (tmp_path / "bentos" / "lorafleet").iterdir() if p.name != "latest"]
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert manifest["service"] == "serving.service:LoraFleet"
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback"):
+        assert path in manifest["schema"]["paths"], path
+    assert (bento / "src" / "serving" / "engines" / "hf.py").is_file()
+    assert not (bento / "src" / "tests").exists()
