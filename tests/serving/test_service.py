@@ -373,3 +373,22 @@ def test_promtool_finds_no_problems_in_our_metrics(service: Service) -> None:
     assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", (
         out.stdout + out.stderr
     )
+
+
+def test_client_disconnect_mid_stream_frees_the_request(service: Service) -> None:
+    def cancelled() -> float:
+        for line in service.http.get("/metrics").text.splitlines():
+            if line.startswith('lorafleet_requests_total{adapter="alpha",status="cancelled"'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = cancelled()
+    body = {"model": "alpha", "prompt": PROMPTS[2], "max_tokens": 64, "stream": True}
+    with service.http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first chunk arrived; now hang up
+    deadline = time.monotonic() + 10
+    while cancelled() <= before:
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.1)
+    assert service.served("alpha")[0] == "alpha@1"  # and the server keeps serving
