@@ -24,8 +24,11 @@ SLOT_WAIT_S = 30.0
 
 
 class Residency:
-    def __init__(self, engine: Engine, engine_name: str, registry: Registry) -> None:
+    def __init__(
+        self, engine: Engine, engine_name: str, registry: Registry, slot_wait_s: float = SLOT_WAIT_S
+    ) -> None:
         self.engine = engine
+        self.slot_wait_s = slot_wait_s
         self.engine_name = engine_name
         self.registry = registry
         self.pinned: set[str] = set()
@@ -50,7 +53,7 @@ class Residency:
                 if waiting is None:
                     self._loading[key] = threading.Event()
                     break
-            waiting.wait(SLOT_WAIT_S)
+            waiting.wait(self.slot_wait_s)
         try:
             CACHE_EVENTS.labels("miss").inc()
             started = time.perf_counter()
@@ -74,7 +77,7 @@ class Residency:
                 f"server; start it with --max-rank {record.rank}"
             )
         path = self.registry.artifact_path(record)  # verifies sha256
-        deadline = time.monotonic() + SLOT_WAIT_S
+        deadline = time.monotonic() + self.slot_wait_s
         last_eviction = float("-inf")
         while True:
             try:

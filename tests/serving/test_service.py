@@ -392,3 +392,14 @@ def test_client_disconnect_mid_stream_frees_the_request(service: Service) -> Non
         assert time.monotonic() < deadline, "the abandoned request was not cancelled"
         time.sleep(0.1)
     assert service.served("alpha")[0] == "alpha@1"  # and the server keeps serving
+
+
+def test_admin_load_and_unload(service: Service) -> None:
+    loaded = service.admin("/admin/load", {"model": "alpha@2"})
+    assert loaded.status_code == 200 and loaded.json()["loaded"] == "alpha@2"
+    assert "alpha@2" in service.admin("/admin/residency").json()["resident"]
+    unloaded = service.admin("/admin/unload", {"model": "alpha@2"})
+    assert unloaded.json() == {"unloaded": "alpha@2"}
+    assert "alpha@2" not in service.admin("/admin/residency").json()["resident"]
+    assert service.served("alpha@2")[0] == "alpha@2"  # loaded again on demand
+    assert service.admin("/admin/load", {"model": "nope"}).status_code == 404
