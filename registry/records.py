@@ -7,6 +7,7 @@ its adapter; `register` reads it from the adapter directory (or from --metadata)
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +117,17 @@ class AliasRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> AliasRecord:
+        return cls(
+            adapter=row["adapter"],
+            alias=row["alias"],
+            version=row["version"],
+            weight=row["weight"],
+            updated_at=row["updated_at"],
+            revision=row["revision"],
+        )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from registry import aliases, maintenance
+from registry import aliases, feedback, maintenance
 from registry.artifacts import ArtifactStore, LocalArtifactStore
 from registry.basemodel import BaseModelInfo, inspect_base
 from registry.database import SCHEMA_VERSION, Database, Transaction
@@ -233,17 +233,7 @@ class Registry:
         if adapter is not None:
             sql, params = sql + " WHERE adapter = ?", (adapter,)
         rows = self.db.query(sql + " ORDER BY adapter, alias", params)
-        return [
-            AliasRecord(
-                adapter=r["adapter"],
-                alias=r["alias"],
-                version=r["version"],
-                weight=r["weight"],
-                updated_at=r["updated_at"],
-                revision=r["revision"],
-            )
-            for r in rows
-        ]
+        return [AliasRecord.from_row(r) for r in rows]
 
     def resolve(self, ref: str | ModelRef) -> VersionRecord:
         """The version a reference (``NAME``, ``NAME:ALIAS``, ``NAME@VERSION``) points at."""
@@ -292,14 +282,7 @@ class Registry:
         with self.db.snapshot() as conn:
             revision = int(conn.execute("SELECT revision FROM registry").fetchone()[0])
             aliases = [
-                AliasRecord(
-                    adapter=r["adapter"],
-                    alias=r["alias"],
-                    version=r["version"],
-                    weight=r["weight"],
-                    updated_at=r["updated_at"],
-                    revision=r["revision"],
-                )
+                AliasRecord.from_row(r)
                 for r in conn.execute("SELECT * FROM aliases ORDER BY adapter, alias")
             ]
             states: dict[str, dict[int, str]] = {}
@@ -307,30 +290,13 @@ class Registry:
                 states.setdefault(r["adapter"], {})[r["version"]] = r["state"]
         return revision, aliases, states
 
-    def add_feedback(
-        self,
-        response_id: str,
-        score: float,
-        *,
-        adapter: str | None,
-        version: int | None,
-        correction: str | None = None,
-        prompt: str | None = None,
-        output: str | None = None,
-    ) -> int:
-        """Store feedback on one response (kept for retraining); returns its id."""
-        with self.db.write("feedback") as txn:
-            cur = txn.execute(
-                "INSERT INTO feedback (at, response_id, adapter, version, score, correction,"
-                " prompt, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (utc_now(), response_id, adapter, version, score, correction, prompt, output),
-            )
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+    def add_feedback(self, response_id: str, score: float, **fields: Any) -> int:
+        """Store feedback on one served response, for retraining (see registry/feedback.py)."""
+        return feedback.add_feedback(self.db, response_id, score, **fields)
 
     def feedback(self, adapter: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM feedback" + (" WHERE adapter = ?" if adapter else "") + " ORDER BY id"
-        return [dict(r) for r in self.db.query(sql, (adapter,) if adapter else ())]
+        """Stored feedback, oldest first, optionally of one adapter."""
+        return feedback.list_feedback(self.db, adapter)
 
     def artifact_path(self, record: VersionRecord, *, verify: bool = True) -> Path:
         """Directory of a version's files, checked against its sha256 unless verify=False."""

@@ -106,3 +106,33 @@ def home(tmp_path: Path, tiny_base: Path) -> Path:
     path = tmp_path / "home"
     Registry.create(path, tiny_base, max_rank=16, actor="tests").close()
     return path
+
+
+@pytest.fixture(scope="session")
+def peft_greedy() -> Callable[..., list[int]]:
+    """greedy(base, adapter | None, prompt_ids, n) -> new token ids from transformers + peft,
+    one request at a time: the reference the engines are held to (eos not included)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models: dict[tuple[str, str | None], object] = {}
+
+    def greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
+        key = (str(base), str(adapter) if adapter else None)
+        if key not in models:
+            model = AutoModelForCausalLM.from_pretrained(str(base))
+            models[key] = PeftModel.from_pretrained(model, str(adapter)) if adapter else model
+        tok = AutoTokenizer.from_pretrained(str(base))
+        with torch.no_grad():
+            out = models[key].generate(  # type: ignore[attr-defined]
+                torch.tensor([prompt]),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        tokens: list[int] = out[0, len(prompt) :].tolist()
+        return tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens
+
+    return greedy

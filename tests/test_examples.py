@@ -19,7 +19,8 @@ TASKS = ["sentiment", "topic", "arithmetic"]
 def test_committed_data_is_what_the_generator_writes(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(EXAMPLES / "tasks.py"), "--out", str(tmp_path)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     for task in TASKS:
         for split in ("train", "eval"):

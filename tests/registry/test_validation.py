@@ -256,5 +256,7 @@ def test_dora_is_recorded_as_not_servable(
     record = Registry(home).register("dora", tmp_path / "dora")
     assert "dora" in record.features
     assert record.engines == []
-    assert record.unservable == {"hf": "hf does not serve DoRA adapters",
-                                 "vllm": "vllm does not serve DoRA adapters"}
+    assert record.unservable == {
+        "hf": "hf does not serve DoRA adapters",
+        "vllm": "vllm does not serve DoRA adapters",
+    }

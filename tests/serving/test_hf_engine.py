@@ -10,9 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from serving.engine import GenerationRequest, SamplingParams, TokenEvent
 from serving.engines.hf import HFEngine
@@ -61,26 +59,13 @@ def engine(tiny_base: Path, adapters: dict[str, Path]):  # type: ignore[no-untyp
     engine.shutdown()
 
 
-def reference(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    tokens = out[0, len(prompt) :].tolist()
-    return tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens
-
-
 def test_mixed_batches_equal_peft_one_request_at_a_time(
-    engine: HFEngine, tiny_base: Path, adapters: dict[str, Path]
+    engine: HFEngine,
+    tiny_base: Path,
+    adapters: dict[str, Path],
+    peft_greedy: Callable[..., list[int]],
 ) -> None:
+    reference = peft_greedy
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     prompts = [
         tok(t)["input_ids"]

@@ -18,9 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from registry import Registry
 
@@ -123,30 +121,16 @@ def service(
         proc.wait()
 
 
-def reference(base: Path, adapter: Path | None, prompt: str, n: int) -> str:
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-
-
 def test_models_lists_base_adapters_versions_and_aliases(service: Service) -> None:
     models = {m.id: m for m in service.client.models.list().data}
     assert set(models) == {"base", "alpha", "beta"}
     assert models["alpha"].model_extra == {"versions": [1, 2], "aliases": {"production": 1}}
 
 
-def test_completions_equal_peft_for_each_model(service: Service) -> None:
+def test_completions_equal_peft_for_each_model(
+    service: Service, peft_greedy: Callable[..., list[int]]
+) -> None:
+    tok = AutoTokenizer.from_pretrained(str(service.base))
     for model, key in (
         ("base", None),
         ("alpha", "alpha@1"),
@@ -158,7 +142,11 @@ def test_completions_equal_peft_for_each_model(service: Service) -> None:
                 model=model, prompt=prompt, max_tokens=6, temperature=0
             )
             assert result.model == (key or "base")
-            expected = reference(service.base, service.adapters[key] if key else None, prompt, 6)
+            ids = tok(prompt)["input_ids"]
+            adapter = service.adapters[key] if key else None
+            expected = tok.decode(
+                peft_greedy(service.base, adapter, ids, 6), skip_special_tokens=True
+            )
             assert result.choices[0].text == expected, (model, prompt)
 
 

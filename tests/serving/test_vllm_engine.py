@@ -14,9 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 RUN_ENGINE = """
 import json, sys, threading, uuid
@@ -69,26 +67,9 @@ def run_engine(
     return list(json.loads(line.removeprefix("RESULT ")))
 
 
-def reference(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    tokens = out[0, len(prompt) :].tolist()
-    return tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens
-
-
 @pytest.fixture(scope="module")
 def case(
-    tiny_base: Path, adapter_factory: Callable[..., Path]
+    tiny_base: Path, adapter_factory: Callable[..., Path], peft_greedy: Callable[..., list[int]]
 ) -> tuple[dict[str, Path], list[list[int]], list[str | None], list[list[int]]]:
     adapters = {
         "a@1": adapter_factory(tiny_base, rank=4, seed=31),
@@ -99,7 +80,7 @@ def case(
     prompts = [tok(t)["input_ids"] for t in texts for _ in range(2)]
     keys: list[str | None] = [None, "a@1", "b@1", None, "a@1", None, "b@1", None]
     expected = [
-        reference(tiny_base, adapters[k] if k else None, p, 10)
+        peft_greedy(tiny_base, adapters[k] if k else None, p, 10)
         for p, k in zip(prompts, keys, strict=True)
     ]
     return adapters, prompts, keys, expected
