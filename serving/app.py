@@ -22,7 +22,7 @@ from registry.errors import (
     RegistryBusy,
 )
 from registry.names import parse_model_ref
-from serving.errors import BadRequest, EngineStopped, NotServable, Overloaded
+from serving.errors import BadRequest, EngineStopped, NotServable, Overloaded, Unauthorized
 from serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -76,10 +76,6 @@ def require_admin(request: Request) -> str:
     if not key or not hmac.compare_digest(token.encode(), key.encode()):
         raise Unauthorized()
     return "api:" + request.headers.get(ACTOR_HEADER, "admin")
-
-
-class Unauthorized(LorafleetError):
-    pass
 
 
 @app.exception_handler(Unauthorized)

@@ -23,3 +23,7 @@ class EngineStopped(LorafleetError):
 
 class BadRequest(LorafleetError):
     """A request parameter is outside what this server accepts: 400 naming the field."""
+
+
+class Unauthorized(LorafleetError):
+    """An admin call without the server's API key: 401."""
