@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +141,94 @@ def peft_greedy() -> Callable[..., list[int]]:
         return tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens
 
     return greedy
+
+
+ADMIN_KEY = "test-admin-key"
+
+
+class Service:
+    """A running `lorafleet serve` process and clients for it."""
+
+    def __init__(self, url: str, home: Path, adapters: dict[str, Path], base: Path) -> None:
+        import httpx
+        import openai
+
+        self.url, self.home, self.adapters, self.base = url, home, adapters, base
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        self.http = httpx.Client(base_url=url, timeout=60)
+
+    def admin(self, path: str, body: dict[str, object] | None = None, key: str = ADMIN_KEY) -> Any:
+        headers = {"Authorization": f"Bearer {key}", "X-Lorafleet-Actor": "tester"}
+        if body is None:
+            return self.http.get(path, headers=headers)
+        return self.http.post(path, json=body, headers=headers)
+
+    def served(
+        self, model: str, prompt: str = "Review: the pizza was great.\nSentiment:", **kw: object
+    ) -> tuple[str, str]:
+        """(version that served it, text) of a greedy 4-token completion."""
+        body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, **kw}
+        response = self.http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        text = response.json()["choices"][0]["text"]
+        return response.headers["X-Lorafleet-Adapter-Version"], text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def serve() -> Callable[..., AbstractContextManager[Service]]:
+    """serve(home, base, adapters, *options): run `lorafleet serve` on a free port."""
+    import httpx
+
+    @contextmanager
+    def run(home: Path, base: Path, adapters: dict[str, Path], *options: str) -> Iterator[Service]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                LORAFLEET,
+                "serve",
+                "--base",
+                str(base),
+                "--port",
+                str(port),
+                "--api-key",
+                ADMIN_KEY,
+                *options,
+            ],
+            env={**os.environ, "LORAFLEET_HOME": str(home)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited: {proc.stderr.read() if proc.stderr else ''}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become ready in 180 s")
+                time.sleep(0.5)
+            yield Service(url, home, adapters, base)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    return run

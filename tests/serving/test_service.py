@@ -4,16 +4,14 @@ from another process and under concurrent load, feedback, metrics."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -22,45 +20,17 @@ from transformers import AutoTokenizer
 
 from registry import Registry
 
-LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
-KEY = "test-admin-key"
+Service = Any  # the running server of conftest's `serve` fixture
+
 PROMPTS = ["Review: the pizza was great.\nSentiment:", "Add: 3 + 4 =", "The customer sends"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Service:
-    def __init__(self, url: str, home: Path, adapters: dict[str, Path], base: Path) -> None:
-        self.url, self.home, self.adapters, self.base = url, home, adapters, base
-        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        self.http = httpx.Client(base_url=url, timeout=60)
-
-    def admin(
-        self, path: str, body: dict[str, object] | None = None, key: str = KEY
-    ) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}", "X-Lorafleet-Actor": "tester"}
-        if body is None:
-            return self.http.get(path, headers=headers)
-        return self.http.post(path, json=body, headers=headers)
-
-    def served(self, model: str, prompt: str = PROMPTS[0], **kw: object) -> tuple[str, str]:
-        response = self.http.post(
-            "/v1/completions",
-            json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, **kw},
-        )
-        assert response.status_code == 200, response.text
-        return response.headers["X-Lorafleet-Adapter-Version"], response.json()["choices"][0][
-            "text"
-        ]
 
 
 @pytest.fixture(scope="module")
 def service(
-    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, adapter_factory: Callable[..., Path]
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve: Callable[..., AbstractContextManager[Service]],
 ) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("serve") / "home"
     registry = Registry.create(home, tiny_base)
@@ -74,51 +44,18 @@ def service(
     registry.promote("alpha", 1)
     registry.promote("beta", 1)
     registry.close()
-    port = free_port()
-    env = {**os.environ, "LORAFLEET_HOME": str(home)}
-    proc = subprocess.Popen(
-        [
-            LORAFLEET,
-            "serve",
-            "--base",
-            str(tiny_base),
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--max-adapters",
-            "3",
-            "--max-len",
-            "256",
-            "--max-tokens-limit",
-            "64",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.5)
-    else:
-        raise RuntimeError("server did not become ready in 120 s")
-    yield Service(url, home, adapters, tiny_base)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with serve(
+        home,
+        tiny_base,
+        adapters,
+        "--max-adapters",
+        "3",
+        "--max-len",
+        "256",
+        "--max-tokens-limit",
+        "64",
+    ) as running:
+        yield running
 
 
 def test_models_lists_base_adapters_versions_and_aliases(service: Service) -> None:
