@@ -30,6 +30,7 @@ from serving.schemas import (
     ModelRequest,
     PromoteRequest,
     RollbackRequest,
+    SamplingFields,
 )
 from serving.server import Generation, Server
 
@@ -97,66 +98,46 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @app.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    server = server_of(request)
-    generation = await server.start(
-        body, body.prompt, chat=False, session=request.headers.get(SESSION_HEADER)
-    )
-    headers = {VERSION_HEADER: generation.served}
-    if body.stream:
-        return StreamingResponse(
-            _sse(server, generation, chat=False), media_type="text/event-stream", headers=headers
-        )
-    text = "".join([d async for d in server.deltas(generation)])
-    return JSONResponse(
-        {
-            "id": f"cmpl-{generation.id}",
-            "object": "text_completion",
-            "created": generation.created,
-            "model": generation.served,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "finish_reason": generation.finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(generation),
-        },
-        headers=headers,
-    )
+    return await _respond(request, body, body.prompt, chat=False)
 
 
 @app.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    prompt = server_of(request).render_chat([m.model_dump() for m in body.messages])
+    return await _respond(request, body, prompt, chat=True)
+
+
+async def _respond(request: Request, body: SamplingFields, prompt: str, *, chat: bool) -> Any:
+    """Admit the request (errors become 4xx/503 here), then stream or answer whole."""
     server = server_of(request)
-    prompt = server.render_chat([m.model_dump() for m in body.messages])
     generation = await server.start(
-        body, prompt, chat=True, session=request.headers.get(SESSION_HEADER)
+        body, prompt, chat=chat, session=request.headers.get(SESSION_HEADER)
     )
     headers = {VERSION_HEADER: generation.served}
     if body.stream:
-        return StreamingResponse(
-            _sse(server, generation, chat=True), media_type="text/event-stream", headers=headers
-        )
+        stream = _sse(server, generation, chat=chat)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     text = "".join([d async for d in server.deltas(generation)])
-    return JSONResponse(
-        {
-            "id": f"chatcmpl-{generation.id}",
-            "object": "chat.completion",
-            "created": generation.created,
-            "model": generation.served,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": generation.finish_reason,
-                }
-            ],
-            "usage": _usage(generation),
-        },
-        headers=headers,
-    )
+    finish = generation.finish_reason
+    if chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
+        kind, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        kind, prefix = "text_completion", "cmpl"
+    body_out = {
+        "id": f"{prefix}-{generation.id}",
+        "object": kind,
+        "created": generation.created,
+        "model": generation.served,
+        "choices": [choice],
+        "usage": _usage(generation),
+    }
+    return JSONResponse(body_out, headers=headers)
 
 
 def _usage(generation: Generation) -> dict[str, int]:
