@@ -268,6 +268,17 @@ def wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
     raise SystemExit("the server did not become ready")
 
 
+def adapter_paths(home: Path, names: list[str]) -> dict[str, Path]:
+    """Each adapter's production artifact directory (sha256-checked)."""
+    from registry import Registry
+
+    registry = Registry(home)
+    try:
+        return {name: registry.artifact_path(registry.resolve(name)) for name in names}
+    finally:
+        registry.close()
+
+
 def in_process(
     base: Path,
     home: Path,
@@ -279,7 +290,6 @@ def in_process(
 ) -> Figure:
     from transformers import AutoTokenizer
 
-    from registry import Registry
     from serving.engines.hf import HFEngine
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -291,10 +301,8 @@ def in_process(
         adapter_slots=setup.adapters,
         max_rank=setup.rank,
     )
-    registry = Registry(home)
-    for name in names:
-        record = registry.resolve(name)
-        engine.load_adapter(record.ref, registry.artifact_path(record))
+    for name, path in adapter_paths(home, names).items():
+        engine.load_adapter(f"{name}@1", path)
     keys = [None if m == "base" else f"{m}@1" for m in models]
     ids = [tokenizer(t)["input_ids"] for t in texts]
     try:
@@ -325,14 +333,11 @@ def naive(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from registry import Registry
 
     dtype = torch.bfloat16 if setup.dtype == "bf16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    registry = Registry(home)
     model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
-    for i, name in enumerate(names):
-        path = registry.artifact_path(registry.resolve(name))
+    for i, (name, path) in enumerate(adapter_paths(home, names).items()):
         if i == 0:
             model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         else:

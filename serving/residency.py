@@ -40,15 +40,22 @@ class Residency:
         with self._lock:
             return list(self._lru)
 
+    def touch(self, key: str) -> bool:
+        """Mark `key` used if it is resident (never blocks); False if it must be loaded."""
+        with self._lock:
+            if key not in self._lru:
+                return False
+            self._lru.move_to_end(key)
+        CACHE_EVENTS.labels("hit").inc()
+        return True
+
     def ensure(self, target: Target) -> None:
         """Make `target` resident (blocking); NotServable / Overloaded if it cannot be."""
         key = target.key
         while True:
+            if self.touch(key):
+                return
             with self._lock:
-                if key in self._lru:
-                    self._lru.move_to_end(key)
-                    CACHE_EVENTS.labels("hit").inc()
-                    return
                 waiting = self._loading.get(key)
                 if waiting is None:
                     self._loading[key] = threading.Event()

@@ -164,8 +164,8 @@ class Server:
                 "this server; ask for fewer tokens"
             )
         target = self.router.resolve(parse_model_ref(body.model), session)
-        if target is not None:
-            await asyncio.to_thread(self.residency.ensure, target)
+        if target is not None and not self.residency.touch(target.key):
+            await asyncio.to_thread(self.residency.ensure, target)  # loading blocks
         ids = self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         if not ids:
             raise BadRequest("prompt is empty after tokenization; send some text")

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from serving.engine import GenerationRequest, OnEvent, TokenEvent
 from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
@@ -321,8 +322,6 @@ class HFEngine:
         each at its own position, attending over its own KV.
         """
         inner = self.model.model
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         batch, steps = ids.shape
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
