@@ -78,11 +78,15 @@ class RoutedLoRALinear(nn.Module):
         mask = self.routes.mask
         if mask is None:
             return out
-        # x (batch, seq, in) @ (in, slots*R) -> (batch, seq, slots*R); mask keeps one slot
-        lora: torch.Tensor = ((x @ self.lora_a) * mask) @ self.lora_b
-        return out + lora
+        # x (batch, seq, in) @ (in, slots*R) -> (batch, seq, slots*R); mask keeps one slot;
+        # then out += h @ B in place (inference only: nothing here keeps a graph)
+        h = torch.matmul(x, self.lora_a).mul_(mask)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.lora_b)
+        return out
 
-    def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+    def write_slot(
+        self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float = 1.0
+    ) -> None:
         """Store A (r, in) and B * scale (out, r) in `slot`; None clears the slot."""
         cols = slice(slot * self.max_rank, (slot + 1) * self.max_rank)
         with torch.no_grad():
@@ -91,14 +95,18 @@ class RoutedLoRALinear(nn.Module):
             if a is not None and b is not None:
                 r = a.shape[0]
                 self.lora_a[:, cols.start : cols.start + r] = a.t().to(self.lora_a.dtype)
-                self.lora_b[cols.start : cols.start + r, :] = b.t().to(self.lora_b.dtype)
+                scaled = b.float().t() * scale
+                self.lora_b[cols.start : cols.start + r, :] = scaled.to(self.lora_b.dtype)
 
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """One adapter read from disk: per module, A (r, in) and scaled B (out, r)."""
+    """One adapter read from disk: per module, A (r, in), B (out, r) and B's scale.
 
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    Only file reading happens here; the arithmetic (scaling, casting) runs when the slot is
+    written, on the engine's thread (see `serving.engines.hf` on threads)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     rank: int
 
 
@@ -111,7 +119,7 @@ def _scale(config: dict[str, object], module: str, rank: int) -> float:
 
 
 def read_adapter(directory: Path) -> AdapterWeights:
-    """Read a PEFT LoRA directory (safetensors only) into per-module A and scaled B."""
+    """Read a PEFT LoRA directory (safetensors only) into per-module A, B and scale."""
     config = json.loads((directory / "adapter_config.json").read_text())
     for key, feature in UNROUTED_FEATURES.items():
         if config.get(key):
@@ -134,8 +142,8 @@ def read_adapter(directory: Path) -> AdapterWeights:
     for module, ab in parts.items():
         a, b = ab["A"], ab["B"]
         rank = a.shape[0]
-        modules[module] = (a.float(), b.float() * _scale(config, module, rank))
-    return AdapterWeights(modules, max(a.shape[0] for a, _ in modules.values()))
+        modules[module] = (a, b, _scale(config, module, rank))
+    return AdapterWeights(modules, max(a.shape[0] for a, _, _ in modules.values()))
 
 
 class AdapterSlots:
@@ -175,8 +183,8 @@ class AdapterSlots:
         for module in weights.modules:
             self._layer(module)  # fail before writing anything
         self.clear(slot)
-        for module, (a, b) in weights.modules.items():
-            self.layers[module].write_slot(slot, a, b)
+        for module, (a, b, scale) in weights.modules.items():
+            self.layers[module].write_slot(slot, a, b, scale)
         self._occupied[slot] = set(weights.modules)
 
     def clear(self, slot: int) -> None:
