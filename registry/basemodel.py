@@ -125,6 +125,19 @@ def hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# sha256 of base weight files by (path, inode, size, mtime, ctime): a base is hashed once per
+# process, not at every registration (ctime changes on any write and cannot be set back).
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _weights_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
 def inspect_base(base_dir: Path | str) -> BaseModelInfo:
     """Fingerprint a base model directory and read its parameter shapes."""
     base_dir = Path(base_dir).expanduser().resolve()
@@ -149,7 +162,7 @@ def inspect_base(base_dir: Path | str) -> BaseModelInfo:
 
     params: dict[str, tuple[int, ...]] = {}
     for path in _weight_files(base_dir):
-        digest.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\0")
+        digest.update(path.name.encode() + b"\0" + _weights_digest(path).encode() + b"\0")
         try:
             header = read_header(path)
         except AdapterWeightsError as err:

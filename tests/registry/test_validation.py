@@ -260,3 +260,19 @@ def test_dora_is_recorded_as_not_servable(
         "hf": "hf does not serve DoRA adapters",
         "vllm": "vllm does not serve DoRA adapters",
     }
+
+
+def test_base_fingerprint_follows_an_edit_of_the_weights_in_place(tmp_path: Path) -> None:
+    """Base weight digests are cached by file identity and times; a rewrite of the same
+    size is still seen."""
+    from registry.basemodel import inspect_base
+    from tuning.tinymodel import build_base_model
+
+    base = build_base_model(tmp_path / "base", size="tiny", seed=0)
+    before = inspect_base(base).fingerprint
+    assert inspect_base(base).fingerprint == before
+    weights = next(base.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other content
+    weights.write_bytes(bytes(data))
+    assert inspect_base(base).fingerprint != before
