@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from registry import Registry
 from serving.engine import Engine
@@ -35,10 +37,25 @@ class Residency:
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Event] = {}
+        self._held: Counter[str] = Counter()  # requests between admission and submit
 
     def resident(self) -> list[str]:
         with self._lock:
             return list(self._lru)
+
+    @contextmanager
+    def held(self, key: str) -> Iterator[None]:
+        """Keep `key` from being evicted while a request is admitted: from its residency
+        check until the engine counts it (submit), another request's miss must not pick it."""
+        with self._lock:
+            self._held[key] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[key] -= 1
+                if not self._held[key]:
+                    del self._held[key]
 
     def touch(self, key: str) -> bool:
         """Mark `key` used if it is resident (never blocks); False if it must be loaded."""
@@ -106,7 +123,7 @@ class Residency:
 
     def _evict_one(self) -> bool:
         with self._lock:
-            protected = self.pinned | set(self._loading)
+            protected = self.pinned | set(self._loading) | set(self._held)
             for key in self._lru:
                 if key not in protected:
                     del self._lru[key]

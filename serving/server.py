@@ -164,8 +164,16 @@ class Server:
                 "this server; ask for fewer tokens"
             )
         target = self.router.resolve(parse_model_ref(body.model), session)
-        if target is not None and not self.residency.touch(target.key):
-            await asyncio.to_thread(self.residency.ensure, target)  # loading blocks
+        if target is None:
+            return self._submit(body, prompt, chat, None, stops)
+        with self.residency.held(target.key):
+            if not self.residency.touch(target.key):
+                await asyncio.to_thread(self.residency.ensure, target)  # loading blocks
+            return self._submit(body, prompt, chat, target, stops)
+
+    def _submit(
+        self, body: SamplingFields, prompt: str, chat: bool, target: Target | None, stops: list[str]
+    ) -> Generation:
         ids = self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         if not ids:
             raise BadRequest("prompt is empty after tokenization; send some text")

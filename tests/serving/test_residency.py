@@ -47,6 +47,18 @@ def test_pinned_versions_stay(setup) -> None:  # type: ignore[no-untyped-def]
     assert residency.resident() == ["a@1", "a@2"]
 
 
+def test_a_version_being_admitted_is_not_evicted(setup) -> None:  # type: ignore[no-untyped-def]
+    """Between a request's residency check and its submit, another request's miss must
+    evict something else (or wait), never the version that request is about to use."""
+    _, engine, residency = setup
+    residency.ensure(Target("a", 1))
+    residency.ensure(Target("a", 2))
+    with residency.held("a@1"):  # a@1 is the least recently used
+        residency.ensure(Target("a", 3))
+        assert "a@1" in engine.resident()
+    assert residency.resident() == ["a@1", "a@3"]
+
+
 def test_tampered_artifact_is_refused(setup) -> None:  # type: ignore[no-untyped-def]
     registry, engine, residency = setup
     record = registry.get_version("a", 2)
