@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-vllm-cpu test lint demo bench clean
+.PHONY: setup setup-vllm-cpu test lint demo bench loadtest clean
 
 setup: $(STAMP)
 
@@ -46,8 +46,17 @@ demo: setup
 	$(PY) examples/demo.py
 
 # Side-by-side speed comparisons on the small base model (minutes; not part of make test).
-bench: setup
+bench: setup-vllm-cpu
 	$(PY) -m loadtests.bench
+
+# A bounded locust run (60 s) against a local server with adapter churn; exits 1 on any
+# failed request. Options (--help): make loadtest LOADTEST_ARGS="--duration 30s --churn 5".
+loadtest: setup $(VENV)/.loadtest-installed
+	$(PY) -m loadtests.loadtest $(LOADTEST_ARGS)
+
+$(VENV)/.loadtest-installed: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[loadtest]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
