@@ -23,6 +23,7 @@ from serving.routing import Target
 
 logger = logging.getLogger(__name__)
 SLOT_WAIT_S = 30.0
+EVICTION_GAP_S = 0.2
 
 
 class Residency:
@@ -111,8 +112,9 @@ class Residency:
             except NoFreeSlot:
                 now = time.monotonic()
                 # An evicted slot frees when its last admitted request ends: give it a
-                # second before evicting another version.
-                if now - last_eviction > 1.0 and self._evict_one():
+                # moment before evicting another version (a whole second made B5's misses
+                # wait 0.38 s on average).
+                if now - last_eviction > EVICTION_GAP_S and self._evict_one():
                     last_eviction = now
                 elif now > deadline:
                     raise Overloaded(

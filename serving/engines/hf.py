@@ -314,8 +314,9 @@ class HFEngine:
         self.slots.set_rows([r.slot for r in rows], self.dtype)
         positions = torch.arange(width).expand(len(rows), width)
         logits = self._forward(ids, positions, prefill=(first, lengths))
+        greedy = logits.argmax(-1).tolist()  # one op for the batch, not one per row
         for i, row in enumerate(rows):
-            self._emit(row, self._sample(logits[i], row))
+            self._emit(row, self._sample(logits[i], row, greedy[i]))
 
     def _decode_step(self) -> None:
         rows = self.rows
@@ -324,9 +325,10 @@ class HFEngine:
         positions = torch.tensor([[r.length] for r in rows])
         self.slots.set_rows([r.slot for r in rows], self.dtype)
         logits = self._forward(ids, positions, prefill=None)
+        greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             row.length += 1
-            self._emit(row, self._sample(logits[i], row))
+            self._emit(row, self._sample(logits[i], row, greedy[i]))
         self._compact()
 
     def _forward(
@@ -383,10 +385,10 @@ class HFEngine:
         logits: torch.Tensor = self.model.lm_head(last)[:, -1].float()
         return logits
 
-    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+    def _sample(self, logits: torch.Tensor, row: _Row, greedy: int) -> int:
         params = row.request.params
         if params.temperature <= 0 or row.generator is None:
-            return int(logits.argmax())
+            return greedy
         probs = torch.softmax(logits / params.temperature, dim=-1)
         if params.top_p < 1.0:
             ordered, order = probs.sort(descending=True)
