@@ -210,12 +210,11 @@ def memory_figure(runs: dict[str, list[Run]], setup: Setup, settings: TuneSettin
         trained_setup(setup, settings, len(runs[PLAIN])),
         "MiB",
         {side: [r.peak_rss / MIB for r in rs] for side, rs in runs.items()},
-        "<= 1.0 (report)",
+        "report (no target)",
         LORAFLEET_SIDE,
         PLAIN,
         details={"measured": "ru_maxrss of each training process (wait4), same runs as B7"},
     )
-    figure.met = (figure.ratio or 0) <= 1.0
     return figure
 
 
