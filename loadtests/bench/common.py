@@ -10,6 +10,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -194,11 +195,13 @@ class ServerProcess:
     def __init__(self, base: Path, home: Path, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The server's output goes to a file, shown when it fails to start.
+        self.log = tempfile.NamedTemporaryFile(prefix="lorafleet-serve-", suffix=".log")
         self.process = subprocess.Popen(
             [LORAFLEET, "serve", "--base", str(base), "--port", str(self.port), *args],
             env={**os.environ, "LORAFLEET_HOME": str(home), **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.started = time.perf_counter()
@@ -215,10 +218,14 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             if self.process.poll() is not None:
-                raise SystemExit("the server exited during start-up")
+                raise SystemExit(f"the server exited during start-up:\n{self.log_tail()}")
             time.sleep(0.25)
+        tail = self.log_tail()
         self.stop()
-        raise SystemExit("the server did not become ready")
+        raise SystemExit(f"the server did not become ready:\n{tail}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
 
     def worker_pids(self) -> list[int]:
         """The server's processes (BentoML runs the service in a child process)."""
@@ -251,6 +258,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        self.log.close()
 
 
 @contextmanager
