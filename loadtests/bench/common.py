@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import statistics
@@ -361,3 +362,12 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def load_mean(metrics: str) -> float | None:
+    """Mean of lorafleet_adapter_load_seconds from a server's /metrics text."""
+    sums = re.search(r"^lorafleet_adapter_load_seconds_sum (\S+)$", metrics, re.M)
+    counts = re.search(r"^lorafleet_adapter_load_seconds_count (\S+)$", metrics, re.M)
+    if not sums or not counts or float(counts[1]) == 0:
+        return None
+    return float(sums[1]) / float(counts[1])

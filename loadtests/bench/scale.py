@@ -28,6 +28,7 @@ from loadtests.bench.common import (
     Figure,
     Setup,
     http_round,
+    load_mean,
     make_adapters,
     prompts,
     ratio_figure,
@@ -99,14 +100,6 @@ def cache_counts(metrics: str) -> dict[str, float]:
     ):
         counts[match[1]] = float(match[2])
     return counts
-
-
-def load_mean(metrics: str) -> float | None:
-    sums = re.search(r"^lorafleet_adapter_load_seconds_sum (\S+)$", metrics, re.M)
-    counts = re.search(r"^lorafleet_adapter_load_seconds_count (\S+)$", metrics, re.M)
-    if not sums or not counts or float(counts[1]) == 0:
-        return None
-    return float(sums[1]) / float(counts[1])
 
 
 def scale_figure(

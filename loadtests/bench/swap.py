@@ -23,6 +23,7 @@ from loadtests.bench.common import (
     Figure,
     Setup,
     http_round,
+    load_mean,
     make_adapters,
     percentile,
     prompts,
@@ -124,7 +125,7 @@ def swap_figures(work: Path, base: Path, home: Path, setup: Setup) -> list[Figur
             for ttfts in (cold_ttft, warm_ttft):  # first call loads, second finds it resident
                 r = http_round(server.url, [f"cold{i}"], prompts(1, offset=200), 4, stream=True)
                 ttfts.append(r.ttfts[0])
-        load = _load_seconds(server.metrics())
+        load = load_mean(server.metrics())
     moves = result["latencies"]["promote"] + result["latencies"]["rollback"]
     p50, p99 = percentile(moves, 50), percentile(moves, 99)
     b4 = Figure(
@@ -158,14 +159,3 @@ def swap_figures(work: Path, base: Path, home: Path, setup: Setup) -> list[Figur
     )
     b6.met = (b6.ratio or float("inf")) <= 2
     return [b4, b6]
-
-
-def _load_seconds(metrics: str) -> float | None:
-    """Mean of lorafleet_adapter_load_seconds from the server's /metrics."""
-    values = {}
-    for line in metrics.splitlines():
-        for key in ("lorafleet_adapter_load_seconds_sum", "lorafleet_adapter_load_seconds_count"):
-            if line.startswith(key + " "):
-                values[key] = float(line.split()[-1])
-    count = values.get("lorafleet_adapter_load_seconds_count")
-    return values["lorafleet_adapter_load_seconds_sum"] / count if count else None
