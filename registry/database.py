@@ -17,7 +17,7 @@ from typing import Any
 
 from registry.errors import RegistryBusy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -86,7 +86,60 @@ CREATE TABLE IF NOT EXISTS feedback (
     output TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_by_version ON feedback (adapter, version, id);
+-- Per-adapter settings of the loop (registry/settings.py), one JSON document per adapter.
+CREATE TABLE IF NOT EXISTS settings (
+    adapter TEXT PRIMARY KEY,
+    settings TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+-- Retraining jobs (registry/jobs.py): queued -> running -> succeeded | failed.
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    adapter TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+    trigger TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    details TEXT NOT NULL,
+    started_at TEXT,
+    heartbeat_at TEXT,
+    finished_at TEXT,
+    worker TEXT,
+    parent_version INTEGER,
+    version INTEGER,
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS jobs_by_adapter ON jobs (adapter, id);
+-- Retraining schedules: one per adapter, every N seconds or a cron expression.
+CREATE TABLE IF NOT EXISTS schedules (
+    adapter TEXT PRIMARY KEY,
+    every_s REAL,
+    cron TEXT,
+    next_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    actor TEXT NOT NULL
+);
+-- Alerts received from Alertmanager, one row per firing episode (fingerprint, startsAt).
+CREATE TABLE IF NOT EXISTS alerts (
+    fingerprint TEXT NOT NULL,
+    starts_at TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    alertname TEXT NOT NULL,
+    adapter TEXT,
+    labels TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    job_id INTEGER REFERENCES jobs (id),
+    PRIMARY KEY (fingerprint, starts_at)
+);
 """
+# Columns added after schema version 1: (table, column, definition).
+MIGRATIONS = (
+    ("events", "job", "INTEGER"),
+    ("feedback", "review", "TEXT NOT NULL DEFAULT 'pending'"),
+)
 
 SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
@@ -128,10 +181,25 @@ class Database:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(SCHEMA)
+        self._migrate()
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def _columns(self, table: str) -> set[str]:
+        return {str(r["name"]) for r in self._conn.execute(f"PRAGMA table_info({table})")}
+
+    def _migrate(self) -> None:
+        """Bring a registry of an older schema version up to date (idempotent, and safe
+        when several processes open it at once: each re-checks inside its transaction)."""
+        if all(column in self._columns(table) for table, column, _ in MIGRATIONS):
+            return
+        with self.write("schema migration") as txn:
+            for table, column, definition in MIGRATIONS:
+                if column not in self._columns(table):
+                    txn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            txn.execute("UPDATE registry SET schema_version = ? WHERE id = 1", (SCHEMA_VERSION,))
 
     @contextmanager
     def _busy_errors(self, what: str) -> Iterator[None]:

@@ -74,3 +74,15 @@ class RegistryBusy(LorafleetError):
 
 class CorruptArtifact(LorafleetError):
     """A stored artifact no longer matches its sha256 digest."""
+
+
+class InvalidSettings(LorafleetError):
+    """Adapter settings (`lorafleet registry settings`) do not follow their schema."""
+
+
+class InvalidSchedule(LorafleetError):
+    """A retraining schedule's interval or cron expression is invalid."""
+
+
+class JobStateError(LorafleetError):
+    """A retraining job is not in a state that allows the operation."""

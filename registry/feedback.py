@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from registry.database import Database
+from registry.errors import NotFound
 from registry.history import utc_now
 
 
@@ -35,3 +36,37 @@ def add_feedback(
 def list_feedback(db: Database, adapter: str | None = None) -> list[dict[str, Any]]:
     sql = "SELECT * FROM feedback" + (" WHERE adapter = ?" if adapter else "") + " ORDER BY id"
     return [dict(r) for r in db.query(sql, (adapter,) if adapter else ())]
+
+
+def review_feedback(db: Database, ids: list[int], review: str) -> int:
+    """Mark feedback as accepted or rejected for retraining; returns rows changed."""
+    if review not in ("accepted", "rejected", "pending"):
+        raise ValueError(f"review {review!r} is not accepted, rejected or pending")
+    with db.write("feedback review") as txn:
+        marks = ", ".join("?" * len(ids))
+        rows = txn.execute(f"SELECT id FROM feedback WHERE id IN ({marks})", tuple(ids))
+        found = {r[0] for r in rows}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise NotFound(
+                f"no feedback with id {', '.join(map(str, missing))}; "
+                "`lorafleet registry feedback list NAME` shows the ids"
+            )
+        cur = txn.execute(f"UPDATE feedback SET review = ? WHERE id IN ({marks})", (review, *ids))
+        return cur.rowcount
+
+
+def corrections(db: Database, adapter: str, policy: str) -> list[dict[str, Any]]:
+    """Corrections retraining may use: policy accepted (reviewed), all (not rejected), none.
+    Each row has the prompt the response answered and the correction."""
+    if policy == "none":
+        return []
+    review = "review = 'accepted'" if policy == "accepted" else "review != 'rejected'"
+    return [
+        dict(r)
+        for r in db.query(
+            "SELECT id, prompt, correction, score, version FROM feedback WHERE adapter = ? AND "
+            f"correction IS NOT NULL AND prompt IS NOT NULL AND {review} ORDER BY id",
+            (adapter,),
+        )
+    ]

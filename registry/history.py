@@ -14,6 +14,16 @@ from registry.database import Transaction
 from registry.records import Event
 
 ALIAS_ACTIONS = ("alias.set", "alias.rollback", "alias.remove")
+# The drift-to-retrain loop's steps; with the alias moves they make an adapter's audit chain
+# alert -> job -> version -> canary -> promote / rollback.
+LOOP_ACTIONS = (
+    "alert.received",
+    "job.queued",
+    "job.started",
+    "job.succeeded",
+    "job.failed",
+    "canary.verdict",
+)
 
 
 def utc_now() -> str:
@@ -32,11 +42,12 @@ def insert_event(
     previous: int | None = None,
     weight: float | None = None,
     below: int | None = None,
+    job: int | None = None,
 ) -> int:
     """Append an event at the transaction's revision; return its id."""
     cur = txn.execute(
         "INSERT INTO events (revision, at, actor, reason, action, adapter, version, alias,"
-        " previous, weight, below) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " previous, weight, below, job) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             txn.revision,
             utc_now(),
@@ -49,6 +60,7 @@ def insert_event(
             previous,
             weight,
             below,
+            job,
         ),
     )
     assert cur.lastrowid is not None
@@ -68,6 +80,7 @@ def event_from_row(row: sqlite3.Row) -> Event:
         alias=row["alias"],
         previous=row["previous"],
         weight=row["weight"],
+        job=row["job"],
     )
 
 

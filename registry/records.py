@@ -139,12 +139,15 @@ class Event:
     at: str
     actor: str
     reason: str
-    action: str  # register | archive | alias.set | alias.rollback | alias.remove | fsck.repair
+    # register | archive | alias.set | alias.rollback | alias.remove | fsck.repair | settings |
+    # alert.received | job.queued | job.started | job.succeeded | job.failed | canary.verdict
+    action: str
     adapter: str | None
     version: int | None
     alias: str | None = None
     previous: int | None = None
     weight: float | None = None
+    job: int | None = None  # the retraining job an event belongs to
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from registry import aliases, feedback, maintenance
+from registry import aliases, feedback, maintenance, settings
 from registry.artifacts import ArtifactStore, LocalArtifactStore
 from registry.basemodel import BaseModelInfo, inspect_base
 from registry.database import SCHEMA_VERSION, Database, Transaction
@@ -31,7 +31,7 @@ from registry.errors import (
     NotInitialized,
 )
 from registry.faults import pause_point
-from registry.history import ALIAS_ACTIONS, event_from_row, insert_event, utc_now
+from registry.history import ALIAS_ACTIONS, LOOP_ACTIONS, event_from_row, insert_event, utc_now
 from registry.maintenance import FsckReport
 from registry.names import ModelRef, check_name, parse_model_ref
 from registry.records import (
@@ -43,6 +43,8 @@ from registry.records import (
     VersionRecord,
     load_metadata,
 )
+from registry.requestlog import RequestLog
+from registry.settings import AdapterSettings
 from registry.validation import AdapterReport, validate_adapter
 
 HOME_ENV = "LORAFLEET_HOME"
@@ -80,6 +82,7 @@ class Registry:
             raise missing
         self.base = BaseModelInfo.from_dict(json.loads(rows[0]["base"]))
         self.artifacts: ArtifactStore = LocalArtifactStore(self.home / "artifacts")
+        self._request_log: RequestLog | None = None
 
     @classmethod
     def create(
@@ -138,6 +141,8 @@ class Registry:
         return cls(home_path, busy_timeout_s=busy_timeout_s)
 
     def close(self) -> None:
+        if self._request_log is not None:
+            self._request_log.close()
         self.db.close()
 
     # ---- reading -------------------------------------------------------------------------
@@ -261,12 +266,14 @@ class Registry:
         all_events: bool = False,
         limit: int | None = None,
     ) -> list[Event]:
-        """Events oldest first: alias moves, or every write with `all_events`."""
+        """Events oldest first: alias moves and the loop's steps (alerts, jobs, canary
+        verdicts), or every write with `all_events`."""
         where: list[str] = []
         params: list[Any] = []
         if not all_events:
-            where.append(f"action IN ({', '.join('?' * len(ALIAS_ACTIONS))})")
-            params += ALIAS_ACTIONS
+            shown = (*ALIAS_ACTIONS, *LOOP_ACTIONS)
+            where.append(f"action IN ({', '.join('?' * len(shown))})")
+            params += shown
         if adapter is not None:
             where.append("adapter = ?")
             params.append(adapter)
@@ -297,6 +304,47 @@ class Registry:
     def feedback(self, adapter: str | None = None) -> list[dict[str, Any]]:
         """Stored feedback, oldest first, optionally of one adapter."""
         return feedback.list_feedback(self.db, adapter)
+
+    def settings(self, adapter: str) -> AdapterSettings:
+        """The loop settings of `adapter` (defaults unless changed)."""
+        return settings.get_settings(self.db, adapter)
+
+    def update_settings(
+        self,
+        adapter: str,
+        changes: dict[str, Any],
+        *,
+        actor: str | None = None,
+        reason: str = "",
+        reset: bool = False,
+    ) -> AdapterSettings:
+        """Change some settings of a registered adapter (one transaction, revision bumped)."""
+        self.list_versions(adapter)  # NotFound naming the registered adapters
+        return settings.update_settings(
+            self.db, adapter, changes, actor=actor or default_actor(), reason=reason, reset=reset
+        )
+
+    @property
+    def request_log(self) -> RequestLog:
+        """The log of served requests (its own SQLite file beside the registry's)."""
+        if self._request_log is None:
+            self._request_log = RequestLog(self.home)
+        return self._request_log
+
+    def logged_requests(
+        self, adapter: str, version: int | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Logged requests of `adapter`, oldest first, each with the feedback on it."""
+        rows = [r.to_dict() for r in self.request_log.read(adapter, version, limit)]
+        notes = {f["response_id"]: f for f in feedback.list_feedback(self.db, adapter)}
+        for row in rows:
+            note = notes.get(row["response_id"], {})
+            row.update(
+                score=note.get("score"),
+                correction=note.get("correction"),
+                review=note.get("review"),
+            )
+        return rows
 
     def artifact_path(self, record: VersionRecord, *, verify: bool = True) -> Path:
         """Directory of a version's files, checked against its sha256 unless verify=False."""

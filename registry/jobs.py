@@ -1,0 +1,416 @@
+"""Retraining jobs and their schedules: the registry's jobs table.
+
+A job moves queued -> running -> succeeded | failed, each step one transaction with its
+event in the history (`job.queued`, `job.started`, `job.succeeded`, `job.failed`), so the
+audit chain of an adapter reads alert -> job -> version -> canary -> promote / rollback.
+A running job names its worker (`host:pid`) and refreshes a heartbeat; a job whose worker
+died (killed midway) is marked failed by the next claim, and since a job changes aliases
+only after it has registered its version, such a job never moved an alias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from registry.database import Database, Transaction
+from registry.errors import InvalidSchedule, JobStateError, NotFound
+from registry.history import insert_event, utc_now
+
+JobState = Literal["queued", "running", "succeeded", "failed"]
+# A running job on another host is presumed dead after this long without a heartbeat.
+STALE_AFTER_S = 600.0
+INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One retraining job."""
+
+    id: int
+    adapter: str
+    state: JobState
+    trigger: str  # manual | schedule | alert:<fingerprint>
+    created_at: str
+    actor: str
+    reason: str
+    details: dict[str, Any]  # e.g. the alert's labels
+    started_at: str | None
+    heartbeat_at: str | None
+    finished_at: str | None
+    worker: str | None  # host:pid of the process running it
+    parent_version: int | None  # the production version it was warm-started from
+    version: int | None  # the version it registered
+    result: dict[str, Any] | None  # gate verdict, metrics, canary
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        return cls(
+            id=row["id"],
+            adapter=row["adapter"],
+            state=row["state"],
+            trigger=row["trigger"],
+            created_at=row["created_at"],
+            actor=row["actor"],
+            reason=row["reason"],
+            details=json.loads(row["details"]),
+            started_at=row["started_at"],
+            heartbeat_at=row["heartbeat_at"],
+            finished_at=row["finished_at"],
+            worker=row["worker"],
+            parent_version=row["parent_version"],
+            version=row["version"],
+            result=json.loads(row["result"]) if row["result"] else None,
+            error=row["error"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """A recurring retraining of one adapter: every `every_s` seconds or by `cron`."""
+
+    adapter: str
+    every_s: float | None
+    cron: str | None
+    next_at: str
+    created_at: str
+    actor: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _get(txn: Transaction, job_id: int) -> JobRecord:
+    row = txn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no job {job_id}; `lorafleet jobs list` shows the jobs")
+    return JobRecord.from_row(row)
+
+
+def _require_adapter(txn: Transaction, adapter: str, action: str) -> None:
+    if txn.execute("SELECT 1 FROM versions WHERE adapter = ? LIMIT 1", (adapter,)).fetchone():
+        return
+    names = [r[0] for r in txn.execute("SELECT DISTINCT adapter FROM versions ORDER BY adapter")]
+    raise NotFound(
+        f"no adapter named {adapter!r}, so cannot {action}; registered adapters: "
+        f"{', '.join(names) or 'none'}"
+    )
+
+
+def queue_in(
+    txn: Transaction,
+    adapter: str,
+    trigger: str,
+    *,
+    actor: str,
+    reason: str,
+    details: dict[str, Any] | None = None,
+) -> tuple[JobRecord, bool]:
+    """Queue a job inside an open transaction. An adapter has at most one queued job: if
+    one exists it is returned with False (nothing queued)."""
+    _require_adapter(txn, adapter, "queue a retraining job")
+    row = txn.execute(
+        "SELECT * FROM jobs WHERE adapter = ? AND state = 'queued' ORDER BY id LIMIT 1",
+        (adapter,),
+    ).fetchone()
+    if row is not None:
+        return JobRecord.from_row(row), False
+    cur = txn.execute(
+        "INSERT INTO jobs (adapter, state, trigger, created_at, actor, reason, details)"
+        " VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+        (adapter, trigger, utc_now(), actor, reason, json.dumps(details or {})),
+    )
+    assert cur.lastrowid is not None
+    insert_event(
+        txn,
+        actor=actor,
+        reason=f"trigger {trigger}" + (f": {reason}" if reason else ""),
+        action="job.queued",
+        adapter=adapter,
+        job=cur.lastrowid,
+    )
+    return _get(txn, cur.lastrowid), True
+
+
+def queue_job(
+    db: Database,
+    adapter: str,
+    trigger: str = "manual",
+    *,
+    actor: str,
+    reason: str = "",
+    details: dict[str, Any] | None = None,
+) -> tuple[JobRecord, bool]:
+    with db.write("queue job") as txn:
+        return queue_in(txn, adapter, trigger, actor=actor, reason=reason, details=details)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _seconds_since(stamp: str | None) -> float:
+    if stamp is None:
+        return float("inf")
+    return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+def reap_stale(txn: Transaction, *, actor: str, stale_after_s: float = STALE_AFTER_S) -> list[int]:
+    """Mark running jobs whose worker is gone as failed; return their ids."""
+    host = socket.gethostname()
+    reaped = []
+    for row in txn.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY id").fetchall():
+        job = JobRecord.from_row(row)
+        worker_host, _, pid = (job.worker or ":").rpartition(":")
+        if worker_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            why = f"worker {job.worker} ended without finishing the job (killed midway)"
+        elif _seconds_since(job.heartbeat_at) > stale_after_s:
+            why = f"no heartbeat from worker {job.worker} for more than {stale_after_s:g} s"
+        else:
+            continue
+        error = f"{why}; no alias was changed by it"
+        txn.execute(
+            "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+            (utc_now(), error, job.id),
+        )
+        insert_event(
+            txn, actor=actor, reason=error, action="job.failed", adapter=job.adapter, job=job.id
+        )
+        reaped.append(job.id)
+    return reaped
+
+
+def claim_job(
+    db: Database, *, actor: str, job_id: int | None = None, worker: str | None = None
+) -> JobRecord | None:
+    """Reap dead workers' jobs, then take the oldest queued job (or `job_id`) and mark it
+    running for this process; None when nothing is queued."""
+    worker = worker or worker_id()
+    with db.write("claim job") as txn:
+        reap_stale(txn, actor=actor)
+        if job_id is not None:
+            job = _get(txn, job_id)
+            if job.state != "queued":
+                raise JobStateError(
+                    f"job {job_id} is {job.state}, not queued; only queued jobs run "
+                    f"(queue a new one: lorafleet jobs queue {job.adapter})"
+                )
+        else:
+            row = txn.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            job = JobRecord.from_row(row)
+        now = utc_now()
+        txn.execute(
+            "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ?, worker = ?"
+            " WHERE id = ?",
+            (now, now, worker, job.id),
+        )
+        insert_event(
+            txn,
+            actor=actor,
+            reason=f"worker {worker}",
+            action="job.started",
+            adapter=job.adapter,
+            job=job.id,
+        )
+        return _get(txn, job.id)
+
+
+def _running(txn: Transaction, job_id: int, worker: str) -> JobRecord:
+    job = _get(txn, job_id)
+    if job.state != "running" or job.worker != worker:
+        raise JobStateError(
+            f"job {job_id} is {job.state} (worker {job.worker}), no longer running on {worker}; "
+            f"{job.error or 'another process took it over'}"
+        )
+    return job
+
+
+def heartbeat(db: Database, job_id: int, *, worker: str | None = None, **fields: Any) -> None:
+    """Refresh a running job's heartbeat; `parent_version` may be recorded with it."""
+    worker = worker or worker_id()
+    with db.write("job heartbeat") as txn:
+        _running(txn, job_id, worker)
+        txn.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (utc_now(), job_id))
+        if "parent_version" in fields:
+            txn.execute(
+                "UPDATE jobs SET parent_version = ? WHERE id = ?",
+                (fields["parent_version"], job_id),
+            )
+
+
+def finish_job(
+    db: Database,
+    job_id: int,
+    *,
+    succeeded: bool,
+    actor: str,
+    summary: str,
+    version: int | None = None,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    worker: str | None = None,
+) -> JobRecord:
+    """End a running job of this worker; `summary` is the history event's reason."""
+    worker = worker or worker_id()
+    with db.write("finish job") as txn:
+        job = _running(txn, job_id, worker)
+        state = "succeeded" if succeeded else "failed"
+        txn.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, version = ?, result = ?, error = ?"
+            " WHERE id = ?",
+            (state, utc_now(), version, json.dumps(result) if result else None, error, job_id),
+        )
+        insert_event(
+            txn,
+            actor=actor,
+            reason=summary,
+            action=f"job.{state}",
+            adapter=job.adapter,
+            version=version,
+            job=job_id,
+        )
+        return _get(txn, job_id)
+
+
+def get_job(db: Database, job_id: int) -> JobRecord:
+    rows = db.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    if not rows:
+        raise NotFound(f"no job {job_id}; `lorafleet jobs list` shows the jobs")
+    return JobRecord.from_row(rows[0])
+
+
+def list_jobs(
+    db: Database, adapter: str | None = None, state: str | None = None, limit: int | None = None
+) -> list[JobRecord]:
+    """Jobs, newest first."""
+    where, params = [], []
+    if adapter:
+        where.append("adapter = ?")
+        params.append(adapter)
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+    return [JobRecord.from_row(r) for r in db.query(sql, tuple(params))]
+
+
+# ---- schedules -----------------------------------------------------------------------------
+
+
+def parse_interval(text: str) -> float:
+    """`90s`, `30m`, `6h`, `1d`, `2w` -> seconds; InvalidSchedule otherwise."""
+    match = INTERVAL.fullmatch(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise InvalidSchedule(
+            f"interval {text!r} is not a positive number with a unit s, m, h, d or w "
+            "(e.g. --every 1d, --every 6h)"
+        )
+    return float(match.group(1)) * UNIT_S[match.group(2)]
+
+
+def next_run(every_s: float | None, cron: str | None, after: datetime) -> datetime:
+    if cron is not None:
+        from croniter import croniter
+
+        if not croniter.is_valid(cron):
+            raise InvalidSchedule(
+                f"cron expression {cron!r} is invalid; use five fields, e.g. '0 3 * * *' "
+                "(daily at 03:00 UTC)"
+            )
+        following: datetime = croniter(cron, after).get_next(datetime)
+        return following
+    assert every_s is not None
+    return after + timedelta(seconds=every_s)
+
+
+def set_schedule(
+    db: Database, adapter: str, *, every_s: float | None, cron: str | None, actor: str
+) -> ScheduleRecord:
+    if (every_s is None) == (cron is None):
+        raise InvalidSchedule("give exactly one of --every INTERVAL or --cron EXPR")
+    now = datetime.now(UTC)
+    first = next_run(every_s, cron, now).isoformat(timespec="milliseconds")
+    what = f"every {every_s:g} s" if every_s is not None else f"cron {cron!r}"
+    with db.write("schedule") as txn:
+        _require_adapter(txn, adapter, "schedule retraining")
+        txn.execute(
+            "INSERT INTO schedules (adapter, every_s, cron, next_at, created_at, actor)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (adapter) DO UPDATE SET"
+            " every_s = excluded.every_s, cron = excluded.cron, next_at = excluded.next_at,"
+            " created_at = excluded.created_at, actor = excluded.actor",
+            (adapter, every_s, cron, first, utc_now(), actor),
+        )
+        insert_event(
+            txn, actor=actor, reason=f"{what}, next {first}", action="schedule.set", adapter=adapter
+        )
+    return next(s for s in list_schedules(db) if s.adapter == adapter)
+
+
+def remove_schedule(db: Database, adapter: str, *, actor: str) -> None:
+    with db.write("schedule remove") as txn:
+        if txn.execute("DELETE FROM schedules WHERE adapter = ?", (adapter,)).rowcount == 0:
+            raise NotFound(f"adapter {adapter!r} has no retraining schedule")
+        insert_event(txn, actor=actor, reason="", action="schedule.remove", adapter=adapter)
+
+
+def list_schedules(db: Database) -> list[ScheduleRecord]:
+    return [
+        ScheduleRecord(
+            r["adapter"], r["every_s"], r["cron"], r["next_at"], r["created_at"], r["actor"]
+        )
+        for r in db.query("SELECT * FROM schedules ORDER BY adapter")
+    ]
+
+
+def queue_due(db: Database, *, actor: str, now: datetime | None = None) -> list[JobRecord]:
+    """Queue a job for every schedule that is due and move it to its next time after now
+    (runs missed while nothing ran collapse into one job)."""
+    now = now or datetime.now(UTC)
+    queued = []
+    with db.write("queue scheduled jobs") as txn:
+        due = txn.execute(
+            "SELECT * FROM schedules WHERE next_at <= ? ORDER BY adapter",
+            (now.isoformat(timespec="milliseconds"),),
+        ).fetchall()
+        for row in due:
+            job, new = queue_in(
+                txn,
+                row["adapter"],
+                "schedule",
+                actor=actor,
+                reason=f"scheduled for {row['next_at']}",
+            )
+            if new:
+                queued.append(job)
+            following = next_run(row["every_s"], row["cron"], now)
+            txn.execute(
+                "UPDATE schedules SET next_at = ? WHERE adapter = ?",
+                (following.isoformat(timespec="milliseconds"), row["adapter"]),
+            )
+    return queued

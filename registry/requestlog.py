@@ -1,0 +1,183 @@
+"""The request log: prompts and outputs of served requests with the version that served
+them, kept for retraining and drift analysis.
+
+A SQLite file of its own (`$LORAFLEET_HOME/requests.db`, WAL), so a busy server's writes
+never hold the registry database's lock that alias moves and registrations take. Servers
+append in batches from a background thread; retention is bounded by rows per adapter and
+by age, enforced on every batch. An adapter opts out with its `request_log` setting.
+Feedback and corrections live in the registry database (registry/feedback.py) and are
+joined by response id when the log is read (`Registry.logged_requests`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from registry.database import SQLITE_BUSY_CODES
+from registry.errors import RegistryBusy
+
+LOG_FILE = "requests.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    response_id TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    output TEXT NOT NULL,
+    finish_reason TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_by_version ON requests (adapter, version, id);
+CREATE INDEX IF NOT EXISTS requests_by_response ON requests (response_id);
+"""
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One served request: what was asked, what was answered, and by which version."""
+
+    response_id: str  # as returned to the client (cmpl-..., chatcmpl-...)
+    adapter: str
+    version: int
+    model: str  # the request's model field (NAME, NAME:ALIAS, NAME@VERSION)
+    prompt: str  # the rendered prompt (chat requests: after the chat template)
+    output: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    at: float  # unix time the request finished
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds"),
+        }
+
+
+class RequestLog:
+    """The request log of a registry home; safe to share between the threads of a process."""
+
+    def __init__(self, home: Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(home) / LOG_FILE
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # a lost last batch is acceptable
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    changed = self._conn.executemany(sql, rows).rowcount
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as err:
+                if getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY_CODES:
+                    raise RegistryBusy(
+                        f"request log {self.path} stayed locked by another process; retry"
+                    ) from err
+                raise
+            return int(changed)
+
+    def append(self, rows: Sequence[LoggedRequest]) -> None:
+        if rows:
+            self._write(
+                "INSERT INTO requests (at, response_id, adapter, version, model, prompt, output,"
+                " finish_reason, prompt_tokens, completion_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.at,
+                        r.response_id,
+                        r.adapter,
+                        r.version,
+                        r.model,
+                        r.prompt,
+                        r.output,
+                        r.finish_reason,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                    )
+                    for r in rows
+                ],
+            )
+
+    def prune(self, *, max_rows_per_adapter: int, max_age_s: float) -> int:
+        """Delete rows older than `max_age_s` and all but each adapter's newest
+        `max_rows_per_adapter`; returns the number deleted."""
+        deleted = self._write("DELETE FROM requests WHERE at < ?", [(time.time() - max_age_s,)])
+        with self._lock:
+            over = self._conn.execute(
+                "SELECT adapter, COUNT(*) AS n FROM requests GROUP BY adapter HAVING n > ?",
+                (max_rows_per_adapter,),
+            ).fetchall()
+        for row in over:
+            deleted += self._write(
+                "DELETE FROM requests WHERE adapter = ? AND id <= (SELECT id FROM requests"
+                " WHERE adapter = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                [(row["adapter"], row["adapter"], max_rows_per_adapter)],
+            )
+        return deleted
+
+    def delete(self, adapter: str) -> int:
+        """Remove every logged request of `adapter` (after an opt-out, or on request)."""
+        return self._write("DELETE FROM requests WHERE adapter = ?", [(adapter,)])
+
+    def read(
+        self, adapter: str, version: int | None = None, limit: int | None = None
+    ) -> list[LoggedRequest]:
+        """Logged requests of `adapter` (one version with `version`), oldest first; with
+        `limit`, the newest `limit` of them."""
+        sql = "SELECT * FROM requests WHERE adapter = ?"
+        params: list[Any] = [adapter]
+        if version is not None:
+            sql += " AND version = ?"
+            params.append(version)
+        sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        with self._lock:
+            rows = self._conn.execute(sql, params).fetchall()
+        return [
+            LoggedRequest(
+                response_id=r["response_id"],
+                adapter=r["adapter"],
+                version=r["version"],
+                model=r["model"],
+                prompt=r["prompt"],
+                output=r["output"],
+                finish_reason=r["finish_reason"],
+                prompt_tokens=r["prompt_tokens"],
+                completion_tokens=r["completion_tokens"],
+                at=r["at"],
+            )
+            for r in reversed(rows)
+        ]
+
+    def counts(self) -> dict[str, int]:
+        """Logged requests per adapter."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT adapter, COUNT(*) FROM requests GROUP BY adapter ORDER BY adapter"
+            ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
