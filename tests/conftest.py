@@ -232,3 +232,45 @@ def serve() -> Callable[..., AbstractContextManager[Service]]:
                 proc.wait()
 
     return run
+
+
+# ---- monitoring: real Prometheus and Alertmanager (tests/monitoring.py) ---------------------
+
+
+def _load_monitoring() -> Any:
+    """tests/ is no package: load the harness module from its file."""
+    import importlib.util
+
+    name = "lorafleet_tests_monitoring"
+    if name not in sys.modules:
+        path = Path(__file__).with_name("monitoring.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def require_binary() -> Callable[[str], str]:
+    """require_binary(name) -> path; skips when missing (names the Debian package), fails
+    when CI=true."""
+    return _load_monitoring().require_binary  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def monitoring_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., AbstractContextManager[Any]]:
+    """monitoring_stack(target="127.0.0.1:PORT", webhook_url=URL, admin_key=KEY, for_="1s")
+    -> a context manager yielding tests/monitoring.py's MonitoringStack: real Prometheus
+    (deploy/'s rules with short `for:`) and Alertmanager (deploy/'s routing, the webhook at
+    `webhook_url`), both on free loopback ports, stopped when the block ends."""
+    monitoring = _load_monitoring()
+
+    def start(**options: Any) -> AbstractContextManager[Any]:
+        workdir = tmp_path_factory.mktemp("monitoring")
+        return monitoring.monitoring_stack(workdir, **options)  # type: ignore[no-any-return]
+
+    return start
