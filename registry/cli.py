@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import LorafleetError
+from registry.loop_commands import add_loop_commands
 from registry.names import parse_model_ref
 from registry.records import VersionRecord
 from registry.registry import HOME_ENV, Registry, default_home
@@ -151,7 +152,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("name")
     p.add_argument("--alias", default="production", help="alias to roll back (default production)")
 
-    p = add("history", cmd_history, "alias moves, oldest first (--all: every registry write)")
+    p = add(
+        "history",
+        cmd_history,
+        "alias moves and the retraining loop's steps (alert, job, canary verdict), oldest "
+        "first (--all: every registry write)",
+    )
     p.add_argument("name", nargs="?")
     p.add_argument("--alias", help="only this alias")
     p.add_argument("--all", action="store_true", help="also registrations, archives, gc")
@@ -194,6 +200,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
     add("info", cmd_info, "the registry's base model, limits, revision and counts")
+    add_loop_commands(sub, common, writes)
 
 
 def _open(args: argparse.Namespace) -> Registry:
@@ -418,6 +425,8 @@ def cmd_history(args: argparse.Namespace) -> int:
             change = f" {old} -> {new}" + (f" weight {e.weight:g}" if e.weight is not None else "")
         elif e.version is not None:
             change = f"@{e.version}"
+        if e.job is not None:
+            change += f" job {e.job}"
         reason = f"  ({e.reason})" if e.reason else ""
         lines.append(f"#{e.id} r{e.revision} {e.at} {e.actor} {e.action} {where}{change}{reason}")
     return emit(args, [e.to_dict() for e in events], "\n".join(lines) or "no history")

@@ -305,6 +305,10 @@ class Registry:
         """Stored feedback, oldest first, optionally of one adapter."""
         return feedback.list_feedback(self.db, adapter)
 
+    def review_feedback(self, ids: list[int], review: str) -> int:
+        """Mark feedback accepted / rejected / pending for retraining."""
+        return feedback.review_feedback(self.db, ids, review)
+
     def settings(self, adapter: str) -> AdapterSettings:
         """The loop settings of `adapter` (defaults unless changed)."""
         return settings.get_settings(self.db, adapter)
