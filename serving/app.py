@@ -242,6 +242,25 @@ async def unload(body: ModelRequest, request: Request) -> dict[str, Any]:
     return {"unloaded": target.key if server.residency.unload(target.key) else None}
 
 
+@app.get("/admin/drift")
+async def drift(request: Request, model: str | None = None) -> dict[str, Any]:
+    """Drift of one version (`model`: NAME, NAME:ALIAS, NAME@VERSION or base) with baseline
+    and live distributions per signal; without `model`, the scores of every tracked
+    version."""
+    require_admin(request)
+    server = server_of(request)
+    if model is None:
+        versions = await asyncio.to_thread(server.drift.summary)
+        return {
+            "enabled": server.drift.settings.enabled,
+            "thresholds": dict(server.drift.settings.thresholds),
+            "versions": versions,
+        }
+    adapter, version = server.drift_key(model)
+    report = await asyncio.to_thread(server.drift.report, adapter, version)
+    return server.spell_tokens(report)
+
+
 async def _apply(server: Server) -> None:
     """Make an alias move through this server take effect before the response."""
     await asyncio.to_thread(server.refresh)

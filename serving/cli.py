@@ -47,6 +47,38 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         metavar="NAME",
         help="keep this adapter's production and canary versions resident",
     )
+    drift = p.add_argument_group("drift (serving/drift.py)")
+    drift.add_argument(
+        "--drift-window", type=int, default=500, help="requests per version in its drift window"
+    )
+    drift.add_argument(
+        "--drift-window-s",
+        type=float,
+        default=3600.0,
+        help="seconds a request stays in the drift window (default 3600)",
+    )
+    drift.add_argument(
+        "--drift-min-samples",
+        type=int,
+        default=50,
+        help="requests in a window before its scores are exported (default 50)",
+    )
+    drift.add_argument(
+        "--drift-min-feedback",
+        type=int,
+        default=20,
+        help="feedback ratings in a window before the feedback score is exported (default 20)",
+    )
+    drift.add_argument(
+        "--drift-threshold",
+        action="append",
+        default=[],
+        metavar="SIGNAL=VALUE",
+        help="replace a signal's threshold, e.g. prompt_tokens=0.3 (repeatable)",
+    )
+    drift.add_argument(
+        "--no-drift", action="store_true", help="keep no drift windows and export no scores"
+    )
     p.set_defaults(handler=cmd_serve)
 
 
@@ -70,6 +102,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_tokens_limit=args.max_tokens_limit,
             api_key=args.api_key,
             pinned=args.pin,
+            drift=not args.no_drift,
+            drift_window=args.drift_window,
+            drift_window_s=args.drift_window_s,
+            drift_min_samples=args.drift_min_samples,
+            drift_min_feedback=args.drift_min_feedback,
+            drift_thresholds=_thresholds(args.drift_threshold),
         )
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
@@ -89,3 +127,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             str(args.port),
         ],
     )
+
+
+def _thresholds(pairs: list[str]) -> dict[str, float]:
+    """--drift-threshold SIGNAL=VALUE pairs; the signal names are checked by ServeConfig."""
+    from registry.errors import LorafleetError
+
+    out: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise LorafleetError(
+                f"--drift-threshold {pair!r} is not SIGNAL=NUMBER; e.g. prompt_tokens=0.3"
+            )
+    return out

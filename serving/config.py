@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from registry.errors import LorafleetError
 
@@ -43,6 +43,43 @@ class ServeConfig(BaseModel):
     """Adapters whose production and canary versions stay resident."""
     poll_interval_s: float = Field(0.25, gt=0, le=60)
     """How often the registry revision is checked."""
+    drift: bool = True
+    """Keep drift windows and export drift scores (serving/drift.py)."""
+    drift_window: int = Field(500, ge=1, le=100_000)
+    """Requests per adapter version in its drift window."""
+    drift_window_s: float = Field(3600.0, gt=0, le=30 * 86400)
+    """Seconds a request stays in the drift window."""
+    drift_min_samples: int = Field(50, ge=1)
+    """Requests in a window before its request signals are scored."""
+    drift_min_feedback: int = Field(20, ge=1)
+    """Feedback ratings in a window before the feedback signal is scored."""
+    drift_thresholds: dict[str, float] = {}
+    """Per-signal thresholds replacing the defaults of serving/drift.py."""
+
+    @model_validator(mode="after")
+    def _drift_consistent(self) -> ServeConfig:
+        from serving.drift import SIGNALS
+
+        problems = []
+        if self.drift_min_samples > self.drift_window:
+            problems.append(
+                f"drift_min_samples {self.drift_min_samples} > drift_window {self.drift_window}"
+                ": no score would ever be exported; lower --drift-min-samples or raise "
+                "--drift-window"
+            )
+        if self.drift_min_feedback > self.drift_window:
+            problems.append(
+                f"drift_min_feedback {self.drift_min_feedback} > drift_window "
+                f"{self.drift_window}; lower --drift-min-feedback or raise --drift-window"
+            )
+        for name, value in self.drift_thresholds.items():
+            if name not in SIGNALS:
+                problems.append(f"unknown drift signal {name!r}; signals: {', '.join(SIGNALS)}")
+            elif not value > 0:
+                problems.append(f"drift threshold of {name} is {value}; use a value > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def to_env(self) -> str:
         return self.model_dump_json()

@@ -4,7 +4,11 @@ adapter "base", version "0")."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -49,4 +53,57 @@ REGISTRY_REVISION = Gauge(
     "lorafleet_registry_revision",
     "Registry revision the server's alias map reflects",
     multiprocess_mode="max",
+)
+
+
+class ProcessGauge:
+    """A gauge kept in this process only, whose label sets can be removed.
+
+    BentoML runs prometheus_client in multiprocess mode, where values live in files and a
+    removed label set keeps being exported with its last value. A drift score below its
+    minimum sample count must be absent, not stale, so these gauges live in
+    PROCESS_METRICS, which the service appends to /metrics (one worker owns the server).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        PROCESS_METRICS.register(self)
+
+    def set(self, labels: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            self._values[labels] = value
+
+    def remove(self, labels: tuple[str, ...]) -> None:
+        with self._lock:
+            self._values.pop(labels, None)
+
+    def value(self, labels: tuple[str, ...]) -> float | None:
+        with self._lock:
+            return self._values.get(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            for labels, value in sorted(self._values.items()):
+                family.add_metric(list(labels), value)
+        yield family
+
+
+PROCESS_METRICS = CollectorRegistry()
+DRIFT_SCORE = ProcessGauge(
+    "lorafleet_drift_score",
+    "Drift of live traffic from the version's baseline profile, per signal (serving/drift.py)",
+    ("adapter", "version", "signal"),
+)
+DRIFT_WINDOW_SAMPLES = ProcessGauge(
+    "lorafleet_drift_window_samples",
+    "Requests in the version's drift window",
+    ("adapter", "version"),
+)
+DRIFT_THRESHOLD = ProcessGauge(
+    "lorafleet_drift_threshold",
+    "Score above which a drift signal counts as drifted",
+    ("signal",),
 )

@@ -24,6 +24,7 @@ from registry.basemodel import inspect_base
 from registry.errors import LorafleetError, NotFound
 from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, parse_model_ref
 from serving.config import ServeConfig
+from serving.drift import Drift, DriftSettings, registry_profiles
 from serving.engine import Engine, GenerationRequest, SamplingParams, TokenEvent
 from serving.errors import BadRequest
 from serving.metrics import (
@@ -57,6 +58,7 @@ class Generation:
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # until drift records it
 
     @property
     def served(self) -> str:
@@ -110,6 +112,7 @@ class Server:
                 f"{self.registry.base.path} or use the registry of this base (--home)"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.base))
+        self.drift = Drift(DriftSettings.from_config(config), registry_profiles(self.registry))
         self.engine_name, self.engine = build_engine(config)
         self.residency = Residency(self.engine, self.engine_name, self.registry)
         self.router = Router(AliasMap.load(self.registry))
@@ -126,6 +129,7 @@ class Server:
     def close(self) -> None:
         self._stop.set()
         self._poller.join(timeout=5)
+        self.drift.close()
         self.engine.shutdown()
         self.registry.close()
 
@@ -212,7 +216,9 @@ class Server:
             )
         relay = self._relay()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        generation = Generation(uuid.uuid4().hex, target, prompt, len(ids), stops, queue)
+        generation = Generation(
+            uuid.uuid4().hex, target, prompt, len(ids), stops, queue, prompt_ids=ids
+        )
         params = SamplingParams(
             max_new_tokens=body.max_tokens,
             temperature=body.temperature,
@@ -279,6 +285,10 @@ class Server:
             REQUESTS.labels(adapter, version, status).inc()
             REQUEST_SECONDS.labels(adapter, version).observe(time.perf_counter() - started)
             COMPLETION_TOKENS.labels(adapter, version).inc(len(tokens))
+            if generation.finish_reason in ("stop", "length"):
+                length = generation.finish_reason == "length"
+                self.drift.record(adapter, version, generation.prompt_ids, len(tokens), length)
+            generation.prompt_ids = []  # recent responses keep no token ids
             self._remember(generation)
 
     def _relay(self) -> Relay:
@@ -304,7 +314,7 @@ class Server:
                 f"{RECENT_RESPONSES} responses of this server"
             )
         target = generation.target
-        return self.registry.add_feedback(
+        stored = self.registry.add_feedback(
             response_id,
             score,
             adapter=target.adapter if target else None,
@@ -313,6 +323,31 @@ class Server:
             prompt=generation.prompt,
             output=generation.text,
         )
+        self.drift.add_feedback(*generation.labels, score)
+        return stored
+
+    def drift_key(self, model: str) -> tuple[str, int]:
+        """(adapter, version) that `model` names, without the canary split (NAME is
+        NAME:production); ("base", 0) for the base model. NotFound naming what exists."""
+        ref = parse_model_ref(model)
+        if ref.adapter is None:
+            return "base", 0
+        if ref.version is None:
+            held = self.router.map.aliases.get((ref.adapter, ref.alias or DEFAULT_ALIAS))
+            if held is not None:
+                return ref.adapter, held[0]
+        target = self.router.resolve(ref)  # raises NotFound for what does not exist
+        assert target is not None
+        return target.adapter, target.version
+
+    def spell_tokens(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Label the prompt_tokens bins of a `Drift.report` with their text (on the event
+        loop, which owns the tokenizer)."""
+        tokens = report["signals"]["prompt_tokens"]
+        if tokens["bins"]:
+            ids = tokens["bins"][:-1]
+            tokens["labels"] = [str(self.tokenizer.decode([i])) for i in ids] + ["other"]
+        return report
 
     def models(self) -> list[dict[str, Any]]:
         current = self.router.map

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 
 import bentoml
+from prometheus_client import generate_latest
 
 from serving.app import app
 from serving.config import load_serve_config
+from serving.metrics import PROCESS_METRICS
 from serving.server import Server
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,11 @@ class LoraFleet:
             self.server.config.base,
             self.server.engine_name,
         )
+
+    async def __metrics__(self, content: str) -> str:
+        """BentoML's /metrics text plus the gauges kept in this process (drift scores,
+        whose label sets must disappear, which multiprocess mode cannot do)."""
+        return content + generate_latest(PROCESS_METRICS).decode()
 
     @bentoml.on_shutdown  # type: ignore[untyped-decorator]
     def shutdown(self) -> None:
