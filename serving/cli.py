@@ -82,6 +82,48 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p.set_defaults(handler=cmd_serve)
 
 
+DRIFT_REPORT_HELP = """Fetch the drift of one adapter version from a running server (GET
+/admin/drift, admin key needed) and write one self-contained HTML page: per signal the
+baseline and live distributions as a plot, the score, the threshold and whether it drifted.
+NAME alone means NAME:production as the server resolves it."""
+
+
+def add_drift_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Entry point: add `lorafleet drift report`."""
+    drift = commands.add_parser("drift", help="look at the drift of served adapter versions")
+    sub = drift.add_subparsers(dest="drift_command", metavar="COMMAND", required=True)
+    p = sub.add_parser(
+        "report",
+        help="render baseline vs live distributions as HTML",
+        description=DRIFT_REPORT_HELP,
+    )
+    p.add_argument("model", metavar="NAME[@V]", help="NAME, NAME:ALIAS or NAME@VERSION")
+    p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:3000",
+        help="the server's base URL (default http://127.0.0.1:3000)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAFLEET_API_KEY"),
+        help="the server's admin key (default $LORAFLEET_API_KEY)",
+    )
+    p.set_defaults(handler=cmd_drift_report)
+
+
+def cmd_drift_report(args: argparse.Namespace) -> int:
+    from serving.drift_report import write_report
+
+    report = write_report(args.model, args.out, url=args.url, api_key=args.api_key)
+    drifted = [n for n, s in report["signals"].items() if s["status"] == "drifted"]
+    print(
+        f"{args.out}: {report['model']}, {report['samples']} requests in the window; "
+        f"drifted: {', '.join(drifted) or 'none'}"
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 

@@ -27,3 +27,7 @@ class BadRequest(LorafleetError):
 
 class Unauthorized(LorafleetError):
     """An admin call without the server's API key: 401."""
+
+
+class AdminCallFailed(LorafleetError):
+    """A CLI call to a running server's admin API failed: unreachable, 401, unknown model."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -218,3 +219,172 @@ def test_config_rejects_inconsistent_drift_options(tmp_path: Path) -> None:
     assert "drift_min_samples 20 > drift_window 10" in text
     assert "unknown drift signal 'prompt_tokenz'" in text
     assert "drift threshold of feedback is 0.0" in text
+
+
+# ---- the real server ----------------------------------------------------------------------
+
+Service = Any  # the running server of conftest's `serve` fixture
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+WINDOW = 50
+ADMIN_KEY = "test-admin-key"  # the key conftest's `serve` starts servers with
+
+
+def rows(task: str, split: str) -> list[dict[str, str]]:
+    import json
+
+    lines = (DATA / task / f"{split}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def drift_service(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve: Callable[..., AbstractContextManager[Service]],
+) -> Iterator[Service]:
+    """`lorafleet serve` with `senti` version 1 registered with a profile of the sentiment
+    task's train prompts; windows of 50 requests, scored from 50, feedback from 3."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from registry import Registry
+
+    tmp = tmp_path_factory.mktemp("drift")
+    adapter = tmp / "senti"
+    shutil.copytree(adapter_factory(tiny_base, rank=4, seed=31), adapter)
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    train = rows("sentiment", "train")
+    build_profile(
+        [tok(r["prompt"])["input_ids"] for r in train],
+        vocab_size=len(tok),
+        completion_lengths=[len(tok(r["completion"])["input_ids"]) + 1 for r in train],
+    ).save(adapter)
+    registry = Registry.create(tmp / "home", tiny_base)
+    registry.register("senti", adapter, metadata={"drift_profile": "profile.json"})
+    registry.promote("senti", 1)
+    registry.close()
+    options = ["--max-len", "256", "--max-tokens-limit", "16", "--drift-window", str(WINDOW)]
+    options += ["--drift-min-samples", str(WINDOW), "--drift-min-feedback", "3"]
+    with serve(tmp / "home", tiny_base, {"senti@1": adapter}, *options) as running:
+        yield running
+
+
+def send(service: Service, prompts: list[str]) -> list[dict[str, Any]]:
+    """Completions of `prompts` for `senti`, 8 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(prompt: str) -> dict[str, Any]:
+        body = {"model": "senti", "prompt": prompt, "max_tokens": 3, "temperature": 0}
+        response = service.http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, prompts))
+
+
+def drift_metrics(service: Service) -> dict[str, float]:
+    """lorafleet_drift_* samples of /metrics by their name and labels."""
+    out = {}
+    for line in service.http.get("/metrics").text.splitlines():
+        if line.startswith("lorafleet_drift_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def server_options(service: Service, key: str = ADMIN_KEY) -> list[str]:
+    return ["--url", service.url, "--api-key", key]
+
+
+def score_line(signal: str) -> str:
+    return f'lorafleet_drift_score{{adapter="senti",signal="{signal}",version="1"}}'
+
+
+def wait_for_samples(service: Service, samples: int) -> dict[str, float]:
+    key = 'lorafleet_drift_window_samples{adapter="senti",version="1"}'
+    deadline = time.monotonic() + 15
+    while True:
+        metrics = drift_metrics(service)
+        if metrics.get(key) == samples and (
+            samples < WINDOW or score_line("prompt_tokens") in metrics
+        ):
+            return metrics
+        assert time.monotonic() < deadline, f"window never reached {samples}: {metrics}"
+        time.sleep(0.2)
+
+
+def test_server_scores_in_distribution_low_and_shifted_traffic_high(
+    drift_service: Service, tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    senti = [r["prompt"] for r in rows("sentiment", "eval")]
+    topic = [r["prompt"] for r in rows("topic", "eval")]
+    send(drift_service, senti[:30])
+    metrics = wait_for_samples(drift_service, 30)
+    assert not any(k.startswith("lorafleet_drift_score") for k in metrics)  # 30 < 50: absent
+    assert metrics['lorafleet_drift_threshold{signal="prompt_tokens"}'] == 0.2
+
+    answers = send(drift_service, senti[30:WINDOW])
+    metrics = wait_for_samples(drift_service, WINDOW)
+    assert metrics[score_line("prompt_tokens")] < 0.2
+    assert metrics[score_line("prompt_length")] < 0.25
+    assert score_line("feedback") not in metrics  # no ratings yet
+    for answer in answers[:3]:  # three negative ratings: the feedback share is 1.0
+        rated = drift_service.http.post(
+            "/v1/feedback", json={"response_id": answer["id"], "score": -1}
+        )
+        assert rated.status_code == 200
+
+    answers = send(drift_service, topic[:WINDOW])  # the window now holds only topic prompts
+    cut = sum(a["choices"][0]["finish_reason"] == "length" for a in answers)
+    metrics = wait_for_samples(drift_service, WINDOW)
+    deadline = time.monotonic() + 15
+    while metrics.get(score_line("feedback")) != 1.0 or metrics[score_line("prompt_tokens")] < 0.5:
+        assert time.monotonic() < deadline, metrics  # the last update may be on its way
+        time.sleep(0.2)
+        metrics = drift_metrics(drift_service)
+    assert metrics[score_line("prompt_tokens")] > 0.5  # measured 0.58-0.60 for such windows
+    assert metrics[score_line("length_stop_share")] == pytest.approx(cut / WINDOW)
+    assert metrics[score_line("feedback")] == 1.0
+
+    report = drift_service.admin("/admin/drift?model=senti").json()
+    assert report["model"] == "senti@1" and report["samples"] == WINDOW
+    tokens = report["signals"]["prompt_tokens"]
+    assert tokens["status"] == "drifted" and tokens["score"] > 0.5
+    assert tokens["labels"][-1] == "other" and len(tokens["labels"]) == len(tokens["baseline"])
+    assert sum(report["signals"]["prompt_length"]["live"]) == WINDOW
+    assert report["signals"]["feedback"]["live"] == [0, 3]
+    summary = drift_service.admin("/admin/drift").json()
+    assert [(v["adapter"], v["version"]) for v in summary["versions"]] == [("senti", 1)]
+    assert "prompt_tokens" in summary["versions"][0]["drifted"]
+
+    out = tmp_path / "report.html"
+    done = cli("drift", "report", "senti", "--out", str(out), *server_options(drift_service))
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == len(SIGNALS)
+    assert all(base64.b64decode(i).startswith(b"\x89PNG\r\n\x1a\n") for i in images)
+    assert "prompt_tokens" in page and ">drifted<" in page
+
+
+def test_admin_drift_and_report_errors_name_the_fix(
+    drift_service: Service, tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    assert drift_service.admin("/admin/drift", key="wrong").status_code == 401
+    unknown = drift_service.admin("/admin/drift?model=nope")
+    assert unknown.status_code == 404 and "models: base, senti" in unknown.text
+    base = drift_service.admin("/admin/drift?model=base").json()
+    assert base["baseline"] is False
+    assert base["signals"]["prompt_tokens"]["status"] == "no baseline"
+
+    out = str(tmp_path / "r.html")
+    wrong = cli("drift", "report", "senti", "--out", out, *server_options(drift_service, "no"))
+    assert wrong.returncode == 2
+    assert "pass --api-key KEY or set LORAFLEET_API_KEY" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
+    missing = cli("drift", "report", "nope", "--out", out, *server_options(drift_service))
+    assert missing.returncode == 2 and "model 'nope' does not exist" in missing.stderr
+    assert not Path(out).exists()

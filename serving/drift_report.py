@@ -1,0 +1,238 @@
+"""`lorafleet drift report`: fetch one version's drift from a running server's
+GET /admin/drift and render it as one self-contained HTML page, a PNG per signal (baseline
+vs live distributions, matplotlib Agg, embedded as base64) with its score, threshold and
+verdict, so a user sees what drifted."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from serving.errors import AdminCallFailed
+
+logger = logging.getLogger(__name__)
+
+TITLES = {
+    "prompt_length": "Prompt length (tokens)",
+    "prompt_tokens": "Prompt tokens (the baseline's most frequent ids + other)",
+    "completion_length": "Completion length (tokens)",
+    "length_stop_share": "Completions cut by max_tokens",
+    "feedback": "Negative feedback",
+}
+KINDS = {
+    "prompt_length": "PSI",
+    "prompt_tokens": "Jensen-Shannon distance",
+    "completion_length": "PSI",
+    "length_stop_share": "share",
+    "feedback": "share",
+}
+TOP_TOKENS = 20  # token bars drawn: the largest by baseline or live share
+COLORS = {"baseline": "#4c72b0", "live": "#dd8452", "threshold": "#c44e52"}
+VERDICTS = {
+    "drifted": ("drifted", "#c44e52"),
+    "not drifted": ("not drifted", "#55a868"),
+    "not enough samples": ("not enough samples", "#8c8c8c"),
+    "no baseline": ("no baseline profile", "#8c8c8c"),
+}
+
+
+def fetch_report(url: str, model: str, api_key: str | None, timeout_s: float = 30) -> Any:
+    """GET /admin/drift?model=MODEL; AdminCallFailed naming the value and the fix."""
+    query = urllib.parse.urlencode({"model": model})
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/admin/drift?{query}",
+        headers={"Authorization": f"Bearer {api_key or ''}", "Accept": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raise AdminCallFailed(_http_problem(url, model, api_key, err)) from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise AdminCallFailed(
+            f"cannot reach a lorafleet server at {url} ({reason}); start one with "
+            "`lorafleet serve` or pass --url"
+        ) from err
+
+
+def _http_problem(url: str, model: str, api_key: str | None, err: urllib.error.HTTPError) -> str:
+    try:
+        message: str | None = json.loads(err.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = None  # not a lorafleet error body
+    if err.code == 401:
+        given = "no admin key was given" if not api_key else "it refused the admin key given"
+        return (
+            f"the server at {url} needs its admin key and {given}; pass --api-key KEY or set "
+            "LORAFLEET_API_KEY to the server's --api-key"
+        )
+    if message is None and err.code in (404, 405):
+        return f"the server at {url} has no /admin/drift endpoint; check --url or upgrade it"
+    if err.code in (400, 404):
+        return f"{message} (asked {url} for model {model!r})"
+    return f"the server at {url} answered {err.code} for model {model!r}: {message or err.reason}"
+
+
+def render_html(report: dict[str, Any], *, url: str = "") -> str:
+    """One page: a header with the window, then per signal its verdict, score and plot."""
+    sections = [_section(name, signal) for name, signal in report["signals"].items()]
+    drifted = [n for n, s in report["signals"].items() if s["status"] == "drifted"]
+    summary = (
+        f"<b>{len(drifted)} of {len(sections)} signals drifted</b>: {', '.join(drifted)}"
+        if drifted
+        else f"<b>no signal drifted</b> ({len(sections)} checked)"
+    )
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    window = (
+        f"{report['samples']} requests and {report['feedback_samples']} feedback ratings in "
+        f"the window (last {report['window']} requests within {report['window_s']:g} s)"
+    )
+    source = f" from {html.escape(url)}" if url else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>drift of {html.escape(report["model"])}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 980px; margin: 2em auto; color: #222; }}
+section {{ border-top: 1px solid #ddd; padding: 1em 0; }}
+.verdict {{ display: inline-block; padding: 0.15em 0.6em; border-radius: 0.3em;
+  color: white; font-weight: bold; }}
+img {{ max-width: 100%; }}
+td {{ padding-right: 1.5em; }}
+</style></head><body>
+<h1>Drift of {html.escape(report["model"])}</h1>
+<p>{window}{"" if report["baseline"] else "; this version has no baseline profile"}.<br>
+{summary}.<br><small>generated {when}{source}</small></p>
+{"".join(sections)}
+</body></html>
+"""
+
+
+def _section(name: str, signal: dict[str, Any]) -> str:
+    verdict, color = VERDICTS.get(signal["status"], (signal["status"], "#8c8c8c"))
+    score = "-" if signal["score"] is None else f"{signal['score']:.4f}"
+    png = base64.b64encode(plot_signal(name, signal)).decode()
+    return f"""<section>
+<h2>{html.escape(TITLES.get(name, name))}
+<span class="verdict" style="background:{color}">{verdict}</span></h2>
+<table><tr><td>signal <code>{name}</code></td><td>{KINDS.get(name, "score")} <b>{score}</b></td>
+<td>threshold {signal["threshold"]:g}</td>
+<td>samples {signal["samples"]} (minimum {signal["min_samples"]})</td></tr></table>
+<img alt="{name}: baseline vs live" src="data:image/png;base64,{png}">
+</section>
+"""
+
+
+def plot_signal(name: str, signal: dict[str, Any]) -> bytes:
+    """PNG of one signal: baseline vs live shares per bin, or the live share vs threshold."""
+    from matplotlib.figure import Figure
+
+    share = name in ("length_stop_share", "feedback")
+    figure = Figure(figsize=(9.0, 2.0 if share else 3.6), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    if share:
+        _plot_share(axes, signal)
+    else:
+        labels, baseline, live = _bars(name, signal)
+        positions = list(range(len(labels)))
+        width = 0.4
+        if baseline is not None:
+            axes.bar(
+                [p - width / 2 for p in positions],
+                baseline,
+                width,
+                label="baseline",
+                color=COLORS["baseline"],
+            )
+        axes.bar(
+            [p + width / 2 for p in positions], live, width, label="live", color=COLORS["live"]
+        )
+        axes.set_xticks(
+            positions,
+            labels,
+            rotation=45 if name == "prompt_tokens" else 0,
+            ha="right" if name == "prompt_tokens" else "center",
+            fontsize=8,
+        )
+        axes.set_ylabel("share")
+        axes.set_xlabel("token" if name == "prompt_tokens" else "length in tokens")
+        axes.legend()
+    score = "not scored" if signal["score"] is None else f"{signal['score']:.3f}"
+    verdict = VERDICTS.get(signal["status"], (signal["status"], ""))[0]
+    axes.set_title(
+        f"{TITLES.get(name, name)}: {KINDS.get(name, 'score')} {score}, "
+        f"threshold {signal['threshold']:g}: {verdict}",
+        fontsize=10,
+    )
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _plot_share(axes: Any, signal: dict[str, Any]) -> None:
+    total = sum(signal["live"])
+    share = signal["live"][1] / total if total else 0.0
+    axes.barh(["live"], [share], color=COLORS["live"], height=0.4)
+    axes.axvline(
+        signal["threshold"],
+        color=COLORS["threshold"],
+        linestyle="--",
+        label=f"threshold {signal['threshold']:g}",
+    )
+    axes.set_xlim(0, 1)
+    labels = signal.get("labels") or ["", "share"]
+    axes.set_xlabel(f"share '{labels[1]}' ({signal['live'][1]:g} of {total:g})")
+    axes.legend(loc="lower right")
+
+
+def _bars(name: str, signal: dict[str, Any]) -> tuple[list[str], list[float] | None, list[float]]:
+    """Labels and shares of the bins worth drawing: for lengths the span of non-empty bins,
+    for tokens the TOP_TOKENS largest on either side plus "other"."""
+    live = _normalize(signal["live"])
+    baseline = _normalize(signal["baseline"]) if signal["baseline"] is not None else None
+    either = [max(a, b) for a, b in zip(baseline or live, live, strict=True)]
+    if name == "prompt_tokens":
+        names = signal.get("labels") or [str(b) for b in signal["bins"][:-1]] + ["other"]
+        top = sorted(range(len(either) - 1), key=lambda i: -either[i])[:TOP_TOKENS]
+        keep = [*sorted(top), len(either) - 1]
+        labels = [repr(names[i]) if i < len(either) - 1 else "other" for i in keep]
+    else:
+        edges = signal["bins"]
+        used = [i for i, v in enumerate(either) if v > 0] or [0]
+        keep = list(range(max(0, used[0] - 1), min(len(edges), used[-1] + 2)))  # 1 bin margin
+        labels = [_bin_label(edges, i) for i in keep]
+    return (
+        labels,
+        [baseline[i] for i in keep] if baseline is not None else None,
+        [live[i] for i in keep],
+    )
+
+
+def _bin_label(edges: list[int], i: int) -> str:
+    if i + 1 == len(edges):
+        return f">={edges[i]}"
+    low, high = edges[i], edges[i + 1] - 1
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _normalize(counts: list[float]) -> list[float]:
+    total = sum(counts)
+    return [c / total for c in counts] if total else [0.0 for _ in counts]
+
+
+def write_report(model: str, out: Path, *, url: str, api_key: str | None) -> dict[str, Any]:
+    """Fetch, render and write the page; the report's JSON is returned."""
+    report: dict[str, Any] = fetch_report(url, model, api_key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(report, url=url))
+    logger.info("wrote the drift report of %s to %s", report["model"], out)
+    return report
