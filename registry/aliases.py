@@ -82,29 +82,45 @@ def set_alias(
     if weight is not None and not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
         raise AliasConflict(f"canary weight {weight} is outside [0, 1]; use e.g. 0.1")
     with db.write("alias set") as txn:
-        require_active(txn, adapter, version, f"point {adapter}:{alias} at it")
-        previous, previous_weight = _current(txn, adapter, alias)
-        if alias == CANARY_ALIAS and weight is None:
-            weight = DEFAULT_CANARY_WEIGHT if previous is None else previous_weight
-        if previous == version and previous_weight == weight:
-            revision = int(txn.execute("SELECT revision FROM registry").fetchone()[0])
-            return AliasMove(adapter, alias, version, previous, weight, False, revision)
-        head = alias_head(txn, adapter, alias)
-        insert_event(
-            txn,
-            actor=actor,
-            reason=reason,
-            action="alias.set",
-            adapter=adapter,
-            version=version,
-            alias=alias,
-            previous=previous,
-            weight=weight,
-            below=head["id"] if head else None,
-        )
-        _write_alias(txn, adapter, alias, version, weight)
-        pause_point("alias.committing")
-        return AliasMove(adapter, alias, version, previous, weight, True, txn.revision)
+        move = set_in(txn, adapter, alias, version, weight=weight, actor=actor, reason=reason)
+        if move.changed:
+            pause_point("alias.committing")
+        return move
+
+
+def set_in(
+    txn: Transaction,
+    adapter: str,
+    alias: str,
+    version: int,
+    *,
+    weight: float | None,
+    actor: str,
+    reason: str,
+) -> AliasMove:
+    """`set_alias` inside an open transaction (names and weight already checked)."""
+    require_active(txn, adapter, version, f"point {adapter}:{alias} at it")
+    previous, previous_weight = _current(txn, adapter, alias)
+    if alias == CANARY_ALIAS and weight is None:
+        weight = DEFAULT_CANARY_WEIGHT if previous is None else previous_weight
+    if previous == version and previous_weight == weight:
+        revision = int(txn.execute("SELECT revision FROM registry").fetchone()[0])
+        return AliasMove(adapter, alias, version, previous, weight, False, revision)
+    head = alias_head(txn, adapter, alias)
+    insert_event(
+        txn,
+        actor=actor,
+        reason=reason,
+        action="alias.set",
+        adapter=adapter,
+        version=version,
+        alias=alias,
+        previous=previous,
+        weight=weight,
+        below=head["id"] if head else None,
+    )
+    _write_alias(txn, adapter, alias, version, weight)
+    return AliasMove(adapter, alias, version, previous, weight, True, txn.revision)
 
 
 def rollback_alias(db: Database, adapter: str, alias: str, *, actor: str, reason: str) -> AliasMove:
@@ -150,19 +166,24 @@ def remove_alias(db: Database, adapter: str, alias: str, *, actor: str, reason: 
     check_name(adapter)
     check_name(alias, "alias")
     with db.write("alias remove") as txn:
-        previous, _ = _current(txn, adapter, alias)
-        if previous is None:
-            raise NotFound(f"adapter {adapter!r} has no alias {alias!r}")
-        head = alias_head(txn, adapter, alias)
-        insert_event(
-            txn,
-            actor=actor,
-            reason=reason,
-            action="alias.remove",
-            adapter=adapter,
-            alias=alias,
-            previous=previous,
-            below=head["id"] if head else None,
-        )
-        txn.execute("DELETE FROM aliases WHERE adapter = ? AND alias = ?", (adapter, alias))
-        return AliasMove(adapter, alias, None, previous, None, True, txn.revision)
+        return remove_in(txn, adapter, alias, actor=actor, reason=reason)
+
+
+def remove_in(txn: Transaction, adapter: str, alias: str, *, actor: str, reason: str) -> AliasMove:
+    """`remove_alias` inside an open transaction."""
+    previous, _ = _current(txn, adapter, alias)
+    if previous is None:
+        raise NotFound(f"adapter {adapter!r} has no alias {alias!r}")
+    head = alias_head(txn, adapter, alias)
+    insert_event(
+        txn,
+        actor=actor,
+        reason=reason,
+        action="alias.remove",
+        adapter=adapter,
+        alias=alias,
+        previous=previous,
+        below=head["id"] if head else None,
+    )
+    txn.execute("DELETE FROM aliases WHERE adapter = ? AND alias = ?", (adapter, alias))
+    return AliasMove(adapter, alias, None, previous, None, True, txn.revision)

@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from registry.errors import (
     AliasConflict,
@@ -22,8 +24,12 @@ from registry.errors import (
     RegistryBusy,
 )
 from registry.names import parse_model_ref
+from registry.verdicts import Verdict
+from serving.alerts import receive_notification
 from serving.errors import BadRequest, EngineStopped, NotServable, Overloaded, Unauthorized
 from serving.schemas import (
+    AlertmanagerPayload,
+    CanaryRequest,
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
@@ -259,6 +265,49 @@ async def drift(request: Request, model: str | None = None) -> dict[str, Any]:
     adapter, version = server.drift_key(model)
     report = await asyncio.to_thread(server.drift.report, adapter, version)
     return server.spell_tokens(report)
+
+
+@app.post("/admin/alerts")
+async def alerts(request: Request) -> dict[str, Any]:
+    """Alertmanager's webhook (payload version 4): each firing alert may queue a retraining
+    job; the answer names every alert's outcome. The key is checked before the body is read."""
+    require_admin(request)
+    try:
+        payload = AlertmanagerPayload.model_validate(await request.json())
+    except (ValidationError, ValueError) as err:
+        errors = err.errors() if isinstance(err, ValidationError) else [{"msg": str(err)}]
+        raise RequestValidationError(errors) from err
+    server = server_of(request)
+    outcomes = await asyncio.to_thread(receive_notification, server.registry, payload)
+    return {"received": len(outcomes), "alerts": outcomes}
+
+
+@app.get("/admin/canary")
+async def canary_status(request: Request, adapter: str | None = None) -> dict[str, Any]:
+    """The live comparison of every canary (or one adapter's) with production."""
+    require_admin(request)
+    server = server_of(request)
+    found = await asyncio.to_thread(server.canary.status, adapter)
+    return {"canaries": [c.to_dict() for c in found]}
+
+
+@app.post("/admin/canary/promote")
+async def canary_promote(body: CanaryRequest, request: Request) -> dict[str, Any]:
+    return await _verdict(request, body, "promoted")
+
+
+@app.post("/admin/canary/rollback")
+async def canary_rollback(body: CanaryRequest, request: Request) -> dict[str, Any]:
+    return await _verdict(request, body, "rolled_back")
+
+
+async def _verdict(request: Request, body: CanaryRequest, verdict: Verdict) -> dict[str, Any]:
+    actor = require_admin(request)
+    server = server_of(request)
+    record, comparison = await asyncio.to_thread(
+        server.canary.decide, body.adapter, verdict, actor=actor, reason=body.reason
+    )
+    return {**record.to_dict(), "live": comparison.to_dict() if comparison else None}
 
 
 async def _apply(server: Server) -> None:

@@ -79,6 +79,35 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     drift.add_argument(
         "--no-drift", action="store_true", help="keep no drift windows and export no scores"
     )
+    loop = p.add_argument_group("request log and canary verdicts")
+    loop.add_argument(
+        "--no-request-log",
+        action="store_true",
+        help="log no requests (adapters also opt out one by one: setting request_log=false)",
+    )
+    loop.add_argument(
+        "--request-log-max-rows",
+        type=int,
+        default=100_000,
+        help="logged requests kept per adapter (default 100000)",
+    )
+    loop.add_argument(
+        "--request-log-max-age-days",
+        type=float,
+        default=30.0,
+        help="days a logged request is kept (default 30)",
+    )
+    loop.add_argument(
+        "--no-canary-verdicts",
+        action="store_true",
+        help="never promote or roll back canaries automatically (manual verdicts still work)",
+    )
+    loop.add_argument(
+        "--canary-interval-s",
+        type=float,
+        default=1.0,
+        help="seconds between canary checks (default 1)",
+    )
     p.set_defaults(handler=cmd_serve)
 
 
@@ -150,6 +179,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             drift_min_samples=args.drift_min_samples,
             drift_min_feedback=args.drift_min_feedback,
             drift_thresholds=_thresholds(args.drift_threshold),
+            request_log=not args.no_request_log,
+            request_log_max_rows=args.request_log_max_rows,
+            request_log_max_age_days=args.request_log_max_age_days,
+            canary_verdicts=not args.no_canary_verdicts,
+            canary_interval_s=args.canary_interval_s,
         )
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())

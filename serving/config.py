@@ -55,6 +55,16 @@ class ServeConfig(BaseModel):
     """Feedback ratings in a window before the feedback signal is scored."""
     drift_thresholds: dict[str, float] = {}
     """Per-signal thresholds replacing the defaults of serving/drift.py."""
+    request_log: bool = True
+    """Log adapter requests for retraining (adapters opt out with their request_log setting)."""
+    request_log_max_rows: int = Field(100_000, ge=1)
+    """Logged requests kept per adapter (the oldest are deleted first)."""
+    request_log_max_age_days: float = Field(30.0, gt=0)
+    """Days a logged request is kept."""
+    canary_verdicts: bool = True
+    """Judge canaries and promote or roll them back automatically (serving/canary.py)."""
+    canary_interval_s: float = Field(1.0, gt=0, le=3600)
+    """Seconds between canary checks."""
 
     @model_validator(mode="after")
     def _drift_consistent(self) -> ServeConfig:

@@ -107,3 +107,13 @@ DRIFT_THRESHOLD = ProcessGauge(
     "Score above which a drift signal counts as drifted",
     ("signal",),
 )
+ALIAS_INFO = ProcessGauge(
+    "lorafleet_alias_info",
+    "1 for each alias the server routes, labelled with the version it points at",
+    ("adapter", "alias", "version"),
+)
+CANARY_VERDICTS = Counter(
+    "lorafleet_canary_verdicts",
+    "Canary verdicts this server reached (promoted | rolled_back)",
+    ["adapter", "verdict"],
+)

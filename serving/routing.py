@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from registry import Registry
 from registry.errors import NotFound
 from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, ModelRef
+from serving.metrics import ALIAS_INFO
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,21 @@ def sticky_uniform(session: str, adapter: str) -> float:
 class Router:
     def __init__(self, aliases: AliasMap) -> None:
         self.map = aliases
+        self._exported: set[tuple[str, str, str]] = set()
+        self._export(aliases)
 
     def swap(self, aliases: AliasMap) -> None:
         self.map = aliases
+        self._export(aliases)
+
+    def _export(self, aliases: AliasMap) -> None:
+        """lorafleet_alias_info = 1 per routed alias; label sets of gone aliases removed."""
+        current = {(a, alias, str(v)) for (a, alias), (v, _) in aliases.aliases.items()}
+        for labels in self._exported - current:
+            ALIAS_INFO.remove(labels)
+        for labels in current - self._exported:
+            ALIAS_INFO.set(labels, 1.0)
+        self._exported = current
 
     def resolve(self, ref: ModelRef, session: str | None = None) -> Target | None:
         """The version serving `ref` (None: the base model); NotFound naming what exists."""

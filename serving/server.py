@@ -23,6 +23,9 @@ from registry import Registry
 from registry.basemodel import inspect_base
 from registry.errors import LorafleetError, NotFound
 from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, parse_model_ref
+from registry.requestlog import LoggedRequest
+from registry.settings import all_settings
+from serving.canary import CanaryStats, CanaryWatch
 from serving.config import ServeConfig
 from serving.drift import Drift, DriftSettings, registry_profiles
 from serving.engine import Engine, GenerationRequest, SamplingParams, TokenEvent
@@ -36,6 +39,7 @@ from serving.metrics import (
     REQUESTS,
     TTFT_SECONDS,
 )
+from serving.requestlog import RequestLogWriter
 from serving.residency import Residency
 from serving.routing import AliasMap, Router, Target
 from serving.schemas import SamplingFields
@@ -59,6 +63,13 @@ class Generation:
     completion_tokens: int = 0
     finish_reason: str | None = None
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # until drift records it
+    model: str = ""  # the request's model field
+    chat: bool = False
+
+    @property
+    def response_id(self) -> str:
+        """The id the client got: chatcmpl-... or cmpl-..."""
+        return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.id}"
 
     @property
     def served(self) -> str:
@@ -117,6 +128,17 @@ class Server:
         self.residency = Residency(self.engine, self.engine_name, self.registry)
         self.router = Router(AliasMap.load(self.registry))
         REGISTRY_REVISION.set(self.router.map.revision)
+        self.canary_stats = CanaryStats()
+        self.request_log = (
+            RequestLogWriter(
+                lambda: self.registry.request_log,
+                max_rows_per_adapter=config.request_log_max_rows,
+                max_age_s=config.request_log_max_age_days * 86400,
+            )
+            if config.request_log
+            else None
+        )
+        self._read_settings()
         self._recent: OrderedDict[str, Generation] = OrderedDict()
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
@@ -125,10 +147,23 @@ class Server:
         self._preload_pinned(self.router.map)
         self._poller = threading.Thread(target=self._poll, name="registry-poller", daemon=True)
         self._poller.start()
+        self.canary = CanaryWatch(
+            self.registry,
+            self.canary_stats,
+            self.residency,
+            self.drift.scores,
+            self.drift.settings.thresholds,
+            applied=self.refresh,
+            interval_s=config.canary_interval_s,
+            enabled=config.canary_verdicts,
+        )
 
     def close(self) -> None:
         self._stop.set()
         self._poller.join(timeout=5)
+        self.canary.close()
+        if self.request_log is not None:
+            self.request_log.close()  # writes what is pending
         self.drift.close()
         self.engine.shutdown()
         self.registry.close()
@@ -165,8 +200,8 @@ class Server:
             for key, target in new.targets().items():
                 if old.aliases.get(key, (None, None))[0] == target.version:
                     continue
-                if target.adapter not in in_use:
-                    continue  # loaded on first request
+                if target.adapter not in in_use and key[1] != CANARY_ALIAS:
+                    continue  # loaded on first request; a canary is loaded before it routes
                 try:
                     self.residency.ensure(target)
                 except LorafleetError as err:
@@ -174,9 +209,17 @@ class Server:
                     new = new.with_alias(key, old.aliases.get(key))
             self.residency.pinned = {t.key for t in self._pinned_targets(new).values()}
             self.router.swap(new)
+            self._read_settings()
             REGISTRY_REVISION.set(new.revision)
             logger.info("alias map at revision %d", new.revision)
             return True
+
+    def _read_settings(self) -> None:
+        """Adapters that opted out of the request log (settings bump the revision)."""
+        if self.request_log is not None:
+            self.request_log.opted_out = frozenset(
+                a for a, s in all_settings(self.registry.db).items() if not s.request_log
+            )
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -198,10 +241,17 @@ class Server:
         target = self.router.resolve(parse_model_ref(body.model), session)
         if target is None:
             return self._submit(body, prompt, chat, None, stops)
-        with self.residency.held(target.key):
-            if not self.residency.touch(target.key):
-                await asyncio.to_thread(self.residency.ensure, target)  # loading blocks
-            return self._submit(body, prompt, chat, target, stops)
+        try:
+            with self.residency.held(target.key):
+                if not self.residency.touch(target.key):
+                    await asyncio.to_thread(self.residency.ensure, target)  # loading blocks
+                return self._submit(body, prompt, chat, target, stops)
+        except LorafleetError as err:
+            if not isinstance(err, BadRequest):  # the version failed to serve it
+                self.canary_stats.record(
+                    target.adapter, target.version, error=True, seconds_per_token=None
+                )
+            raise
 
     def _submit(
         self, body: SamplingFields, prompt: str, chat: bool, target: Target | None, stops: list[str]
@@ -217,7 +267,15 @@ class Server:
         relay = self._relay()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         generation = Generation(
-            uuid.uuid4().hex, target, prompt, len(ids), stops, queue, prompt_ids=ids
+            uuid.uuid4().hex,
+            target,
+            prompt,
+            len(ids),
+            stops,
+            queue,
+            prompt_ids=ids,
+            model=body.model,
+            chat=chat,
         )
         params = SamplingParams(
             max_new_tokens=body.max_tokens,
@@ -289,7 +347,34 @@ class Server:
                 length = generation.finish_reason == "length"
                 self.drift.record(adapter, version, generation.prompt_ids, len(tokens), length)
             generation.prompt_ids = []  # recent responses keep no token ids
+            self._finished(generation, time.perf_counter() - started)
             self._remember(generation)
+
+    def _finished(self, generation: Generation, seconds: float) -> None:
+        """Canary statistics and the request log of an adapter request that ended."""
+        target = generation.target
+        if target is None:
+            return
+        finish, tokens = generation.finish_reason, generation.completion_tokens
+        per_token = seconds / tokens if tokens and finish in ("stop", "length") else None
+        self.canary_stats.record(
+            target.adapter, target.version, error=finish == "error", seconds_per_token=per_token
+        )
+        if self.request_log is not None:
+            self.request_log.submit(
+                LoggedRequest(
+                    response_id=generation.response_id,
+                    adapter=target.adapter,
+                    version=target.version,
+                    model=generation.model,
+                    prompt=generation.prompt,
+                    output=generation.text,
+                    finish_reason=finish,
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=tokens,
+                    at=time.time(),
+                )
+            )
 
     def _relay(self) -> Relay:
         loop = asyncio.get_running_loop()
@@ -324,6 +409,8 @@ class Server:
             output=generation.text,
         )
         self.drift.add_feedback(*generation.labels, score)
+        if target is not None:
+            self.canary_stats.add_feedback(target.adapter, target.version, score)
         return stored
 
     def drift_key(self, model: str) -> tuple[str, int]:

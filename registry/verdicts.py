@@ -1,0 +1,111 @@
+"""Canary verdicts: promote a canary to production or roll it back, in one transaction.
+
+A verdict is decided by a server from its live comparison (serving/canary.py) or by a user
+(`lorafleet canary promote|rollback`, the admin routes). Several servers may reach a
+verdict on the same canary at once, so the transaction first checks that the canary still
+points at the version the verdict is about: the first writer wins and the others get
+AliasConflict with nothing written. The `canary.verdict` event carries the reason (every
+criterion with both numbers) and the job that produced the version; the alias moves it
+causes follow it at the same revision, so the audit chain reads
+job -> version -> canary -> verdict -> promote / rollback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from registry.aliases import remove_in, set_in
+from registry.database import Database
+from registry.errors import AliasConflict, NotFound
+from registry.faults import pause_point
+from registry.history import insert_event
+from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, check_name
+
+Verdict = Literal["promoted", "rolled_back"]
+
+
+@dataclass(frozen=True)
+class VerdictRecord:
+    """What a verdict did: the canary version, production before and after, the job."""
+
+    adapter: str
+    version: int  # the canary version judged
+    verdict: Verdict
+    reason: str
+    actor: str
+    production_before: int | None
+    production_after: int | None
+    job: int | None  # the job that registered the canary version (its metadata job_id)
+    revision: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_canary(
+    db: Database,
+    adapter: str,
+    verdict: Verdict,
+    *,
+    actor: str,
+    reason: str,
+    version: int | None = None,
+) -> VerdictRecord:
+    """Promote (production -> the canary's version, canary removed) or roll back (canary
+    removed) `adapter`'s canary. With `version`, refuse (AliasConflict, nothing written)
+    unless the canary still points at it."""
+    check_name(adapter)
+    with db.write(f"canary {verdict}") as txn:
+        row = txn.execute(
+            "SELECT version FROM aliases WHERE adapter = ? AND alias = ?", (adapter, CANARY_ALIAS)
+        ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"adapter {adapter!r} has no canary alias, so there is nothing to "
+                f"{'promote' if verdict == 'promoted' else 'roll back'}; set one with "
+                f"`lorafleet registry promote {adapter} VERSION --to canary --weight 0.1`"
+            )
+        canary = int(row["version"])
+        if version is not None and canary != version:
+            raise AliasConflict(
+                f"{adapter}:canary now points at version {canary}, not {version}: another "
+                "verdict or alias move came first; nothing changed"
+            )
+        meta = txn.execute(
+            "SELECT metadata FROM versions WHERE adapter = ? AND version = ?", (adapter, canary)
+        ).fetchone()
+        job = json.loads(meta["metadata"]).get("job_id") if meta else None
+        current = txn.execute(
+            "SELECT version FROM aliases WHERE adapter = ? AND alias = ?", (adapter, DEFAULT_ALIAS)
+        ).fetchone()
+        before = int(current["version"]) if current else None
+        insert_event(
+            txn,
+            actor=actor,
+            reason=f"{verdict.replace('_', ' ')}: {reason}",
+            action="canary.verdict",
+            adapter=adapter,
+            version=canary,
+            alias=CANARY_ALIAS,
+            job=job if isinstance(job, int) else None,
+        )
+        note = f"canary verdict on {adapter}@{canary}: {verdict.replace('_', ' ')}"
+        after = before
+        if verdict == "promoted":
+            set_in(txn, adapter, DEFAULT_ALIAS, canary, weight=None, actor=actor, reason=note)
+            after = canary
+        remove_in(txn, adapter, CANARY_ALIAS, actor=actor, reason=note)
+        pause_point("alias.committing")
+        return VerdictRecord(
+            adapter,
+            canary,
+            verdict,
+            reason,
+            actor,
+            before,
+            after,
+            job if isinstance(job, int) else None,
+            txn.revision,
+        )
