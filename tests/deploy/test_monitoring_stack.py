@@ -145,6 +145,17 @@ def test_drift_alert_reaches_the_webhook_with_labels_and_bearer_key(loop: Loop) 
     assert alert["annotations"]["summary"] == "support@3 drifted on prompt_length"
 
 
+def test_real_alertmanager_payloads_fit_the_servers_webhook_schema(loop: Loop) -> None:
+    from serving.schemas import AlertmanagerPayload
+
+    loop.stack.wait_for(lambda: loop.webhook.posts, 30, "a POST at the webhook")
+    for post in loop.webhook.posts:
+        payload = AlertmanagerPayload.model_validate(post.body)
+        assert payload.version == "4"
+        assert payload.group_key and payload.external_url.startswith("http")
+        assert all(a.fingerprint and a.starts_at for a in payload.alerts)
+
+
 def test_only_the_drifted_version_fires(loop: Loop) -> None:
     loop.stack.wait_for(
         lambda: loop.stack.firing_alerts("LorafleetDrift"), 30, "LorafleetDrift firing"
