@@ -222,7 +222,11 @@ def monitoring_stack(
     ready_timeout_s: float = 30.0,
 ) -> Iterator[MonitoringStack]:
     """Prometheus scraping `target` (host:port, /metrics without auth) with deploy/'s rules
-    at `for_`, Alertmanager posting drift alerts to `webhook_url` with Bearer `admin_key`."""
+    at `for_`, Alertmanager posting drift alerts to `webhook_url` with Bearer `admin_key`.
+
+    `interval` is the scrape interval, the scrape timeout and the evaluation interval: a
+    scrape slower than it marks the target down and its series stale, which resets pending
+    alerts, so raise it (e.g. "2s") for a target whose /metrics can be slow under load."""
     prometheus = require_binary("prometheus")
     alertmanager = require_binary("prometheus-alertmanager")
     workdir.mkdir(parents=True, exist_ok=True)
