@@ -31,7 +31,7 @@ def service(
 ) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("loop") / "home"
     registry = Registry.create(home, tiny_base)
-    versions = {"alpha": 1, "beta": 2, "delta": 3, "eps": 1, "gamma": 1}
+    versions = {"alpha": 1, "beta": 2, "delta": 3, "eps": 1, "gamma": 1, "zeta": 2}
     seed = 40
     for name, count in versions.items():
         for _ in range(count):
@@ -53,6 +53,10 @@ def service(
         {"canary_min_requests": 5, "canary_window_s": 600, "canary_max_latency_ratio": 20},
     )
     registry.update_settings("beta", {"canary_min_requests": 5, "canary_window_s": 1})
+    registry.update_settings(
+        "zeta",
+        {"canary_min_requests": 5, "canary_window_s": 600, "canary_max_latency_ratio": 20},
+    )
     registry.update_settings("delta", {"canary_min_requests": 1000})  # decided by hand only
     registry.update_settings("gamma", {"request_log": False})
     registry.close()
@@ -193,26 +197,30 @@ def _wait_for_verdict(registry: Registry, adapter: str, timeout_s: float = 15) -
     return found[-1]
 
 
+def _canary_traffic(
+    service: Service, registry: Registry, adapter: str, scores: tuple[float, float]
+) -> list[str]:
+    """Set `adapter`'s canary (version 2, weight 0.5), send 5 requests it serves and 5 or
+    more that production (version 1) serves, rate two of each side with `scores`
+    (canary, production); return the ids production served."""
+    to_canary, to_production = _sessions(adapter, 0.5)
+    registry.set_alias(adapter, "canary", 2, weight=0.5, actor="tests", reason="retrained")
+    served: list[tuple[str, str]] = []
+    while sum(v == f"{adapter}@2" for v, _ in served) < 5:  # the first may precede the swap
+        served.append(_complete(service, adapter, to_canary[len(served)]))
+    served += [_complete(service, adapter, s) for s in to_production[:5]]
+    for score, version in zip(scores, (2, 1), strict=True):
+        for response_id in [i for v, i in served if v == f"{adapter}@{version}"][:2]:
+            body = {"response_id": response_id, "score": score}
+            assert service.http.post("/v1/feedback", json=body).status_code == 200
+    return [i for v, i in served if v == f"{adapter}@1"]
+
+
 def test_healthy_canary_is_promoted_automatically(service: Service) -> None:
     registry = Registry(service.home)
     job = list_jobs(registry.db, "alpha")[0]  # the job that registered version 2
-    to_canary, to_production = _sessions("alpha", 0.5)
-    registry.set_alias("alpha", "canary", 2, weight=0.5, actor="tests", reason="retrained")
-    served: list[tuple[str, str]] = []
-    while sum(v == "alpha@2" for v, _ in served) < 5:  # the first may precede the swap
-        served.append(_complete(service, "alpha", to_canary[len(served)]))
-    served += [_complete(service, "alpha", s) for s in to_production[:5]]
-    by_version = {v: [i for w, i in served if w == v] for v in ("alpha@1", "alpha@2")}
-    for version, ids in by_version.items():  # two ratings of 1 on each side
-        for response_id in ids[:2]:
-            assert (
-                service.http.post(
-                    "/v1/feedback", json={"response_id": response_id, "score": 1}
-                ).status_code
-                == 200
-            ), version
-    n_canary, n_production = len(by_version["alpha@2"]), len(by_version["alpha@1"])
-    assert n_canary == 5 and n_production >= 5
+    to_production = _canary_traffic(service, registry, "alpha", scores=(1, 1))
+    n_canary, n_production = 5, len(to_production)
     live = service.admin("/admin/canary?adapter=alpha").json()["canaries"][0]
     assert (live["canary"]["requests"], live["production"]["requests"]) == (5, n_production)
     assert (live["canary"]["ratings"], live["canary"]["mean_feedback"]) == (2, 1.0)
@@ -247,6 +255,21 @@ def test_healthy_canary_is_promoted_automatically(service: Service) -> None:
     assert 'lorafleet_canary_verdicts_total{adapter="alpha",verdict="promoted"} 1.0' in metrics
     assert 'lorafleet_alias_info{adapter="alpha",alias="production",version="2"} 1.0' in metrics
     assert 'adapter="alpha",alias="canary"' not in metrics
+
+
+def test_canary_with_worse_feedback_is_rolled_back_automatically(service: Service) -> None:
+    registry = Registry(service.home)
+    _canary_traffic(service, registry, "zeta", scores=(-1, 1))
+    assert _verdicts(registry, "zeta") == []  # its window is 600 s
+    registry.update_settings("zeta", {"canary_window_s": 0}, actor="tests")
+    verdict = _wait_for_verdict(registry, "zeta")
+    assert verdict.reason.startswith("rolled back: error rate canary 0.000 (0/5)")
+    assert (
+        "mean feedback canary -1.000 vs production 1.000 (2 vs 2 ratings): drop 2.000 > 0.2"
+        in verdict.reason
+    )
+    assert {a.alias: a.version for a in registry.aliases("zeta")} == {"production": 1}
+    assert _complete(service, "zeta", "any")[0] == "zeta@1"
 
 
 def test_tampered_canary_is_rolled_back_and_production_keeps_serving(service: Service) -> None:
