@@ -98,3 +98,53 @@ def load_checkpoint(
     best_path = path / "best.safetensors"
     best = load_file(best_path) if best_path.is_file() else None
     return TrainState(**saved["train"]), best
+
+
+def _lora_layout(tensors: dict[str, torch.Tensor]) -> tuple[set[int], list[str]]:
+    """Ranks (rows of the A matrices) and target module names of a LoRA state dict."""
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
+    targets = sorted({k.split(".")[-3] for k in tensors if k.endswith("lora_A.weight")})
+    return ranks, targets
+
+
+def load_init_weights(model: Any, source: Path, alpha: float) -> None:
+    """Warm start: copy a saved PEFT adapter's weights (safetensors, never pickle) into the
+    freshly built PEFT `model`. ConfigError unless rank, alpha and targets match."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from tuning.errors import ConfigError
+
+    weights, config_file = source / "adapter_model.safetensors", source / "adapter_config.json"
+    if not weights.is_file() or not config_file.is_file():
+        raise ConfigError(
+            f"method.init_from: {source} has no adapter_config.json + adapter_model.safetensors; "
+            "give a PEFT adapter directory with safetensors weights (pickled .bin is not loaded)"
+        )
+    saved = load_file(weights)
+    saved_alpha = json.loads(config_file.read_text()).get("lora_alpha")
+    expected = get_peft_model_state_dict(model)
+    have, want = _lora_layout(saved), _lora_layout(expected)
+    if have != want or saved_alpha != alpha:
+        raise ConfigError(
+            f"method.init_from: adapter {source} has rank {_ranks(have[0])}, alpha {saved_alpha} "
+            f"and targets {', '.join(have[1])}; this run has rank {_ranks(want[0])}, alpha "
+            f"{alpha} and targets {', '.join(want[1])}: set method.r, method.alpha and "
+            "method.target_modules to the adapter's, or drop method.init_from"
+        )
+    mismatched = sorted(
+        k
+        for k in expected.keys() | saved.keys()
+        if k not in saved or k not in expected or saved[k].shape != expected[k].shape
+    )
+    if mismatched:
+        raise ConfigError(
+            f"method.init_from: adapter {source} and this run's LoRA weights differ in "
+            f"{len(mismatched)} tensor(s), e.g. {mismatched[0]}; use the adapter's "
+            "method.layers_to_transform and method.modules_to_save, or drop method.init_from"
+        )
+    dtype = next(iter(expected.values())).dtype
+    set_peft_model_state_dict(model, {k: v.to(dtype) for k, v in saved.items()})
+
+
+def _ranks(ranks: set[int]) -> str:
+    return "/".join(str(r) for r in sorted(ranks)) or "none"

@@ -25,6 +25,15 @@ def _existing_file(path: Path) -> Path:
 ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 
 
+def _existing_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise ValueError(f"directory {path} does not exist")
+    return path
+
+
+ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
+
+
 class DataConfig(BaseModel):
     model_config = Section
     train: list[ExistingFile] = Field(min_length=1)
@@ -65,6 +74,8 @@ class MethodConfig(BaseModel):
     """Modules trained in full and saved with the adapter (e.g. lm_head)."""
     layers_to_transform: list[int] | None = None
     """Only adapt these layer indices (all layers if unset)."""
+    init_from: ExistingDir | None = None
+    """Start from this adapter's LoRA weights (safetensors); its rank, alpha, targets must match."""
 
 
 class TrainingConfig(BaseModel):

@@ -78,6 +78,11 @@ def _load_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return list(zip(_row_locations(path, len(rows)), rows, strict=True))
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of one data file as loaded for training (no checks, no tokenization)."""
+    return [row for _, row in _load_rows(path)]
+
+
 def _scan_jsonl(path: Path) -> None:
     """Find the line that broke loading: invalid JSON or a field whose type changes."""
     types: dict[str, tuple[str, int]] = {}

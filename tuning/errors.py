@@ -15,3 +15,7 @@ class DataError(LorafleetError):
 
 class PackingUnsupported(LorafleetError):
     """The model would attend across packed examples; packing is refused."""
+
+
+class RetrainError(LorafleetError):
+    """A retraining job cannot run: no production version, its data is gone, bad settings."""

@@ -126,6 +126,24 @@ def _score(
     return scores
 
 
+def score(
+    model: Any,
+    tokenizer: Any,
+    held_out: Sequence[Example],
+    data: DataConfig,
+    config: EvaluationConfig,
+) -> dict[str, float]:
+    """The model's own scores on `held_out` (no base comparison, no forgetting check):
+    eval loss and perplexity, exact match and token F1 where `evaluate` computes them."""
+    generation = config.generate and data.format == "completion"
+    was_training = model.training
+    model.eval()
+    try:
+        return _score(model, tokenizer, held_out, [], config, generation)
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,

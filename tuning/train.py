@@ -32,6 +32,7 @@ from tuning.checkpoints import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    load_init_weights,
     load_trainable,
     save_checkpoint,
     trainable_state,
@@ -135,6 +136,8 @@ def build_model(config: TuneConfig, base: Path) -> Any:
         model = get_peft_model(model, lora)
     except ValueError as err:  # peft: target modules not found, bad layer indices
         raise ConfigError(f"method: {err}") from err
+    if method.init_from is not None:
+        load_init_weights(model, method.init_from, method.alpha)
     if config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -405,7 +408,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         tokenizer_hash=base_info.tokenizer_hash,
         chat_template_hash=base_info.chat_template_hash,
         dataset=_dataset_info(report),
-        training_config=config.model_dump(mode="json", by_alias=True),
+        training_config=recorded_config(config),
         metrics=metrics,
         library_versions=library_versions(),
         git_commit=git_commit(),
@@ -433,6 +436,21 @@ def _dataset_info(report: DataReport) -> Any:
         files=report.files,
         examples=report.train,
     )
+
+
+def recorded_config(config: TuneConfig) -> dict[str, Any]:
+    """The resolved config with absolute paths: a retraining job reads its data files from
+    whatever directory it runs in."""
+    data: dict[str, Any] = config.model_dump(mode="json", by_alias=True)
+    data["base"] = str(config.base.absolute())
+    data["output"]["dir"] = str(config.output.dir.absolute())
+    data["data"]["train"] = [str(p.absolute()) for p in config.data.train]
+    data["data"]["eval"] = [str(p.absolute()) for p in config.data.eval]
+    if config.data.reference_text is not None:
+        data["data"]["reference_text"] = str(config.data.reference_text.absolute())
+    if config.method.init_from is not None:
+        data["method"]["init_from"] = str(config.method.init_from.absolute())
+    return data
 
 
 def _yaml(config: TuneConfig) -> str:
