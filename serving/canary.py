@@ -394,15 +394,21 @@ class CanaryWatch:
                 reason = f"canary {target.key} cannot be loaded: {err}"
                 decided.append(self._decide(alias, "rolled_back", reason))
                 continue
-            comparison = self.compare(
-                alias, production, settings.get(alias.adapter, AdapterSettings())
-            )
-            if comparison.waiting is None:
+            chosen = settings.get(alias.adapter, AdapterSettings())
+            if self._ready(alias, chosen):  # drift scores are read only then
+                comparison = self.compare(alias, production, chosen)
                 decided.append(self._decide(alias, comparison.verdict, comparison.reason()))
         done = [d for d in decided if d is not None]
         if done:
             self._applied()
         return done
+
+    def _ready(self, alias: AliasRecord, settings: AdapterSettings) -> bool:
+        start = _unix(alias.updated_at)
+        if time.time() - start < settings.canary_window_s:
+            return False
+        served = self.stats.since(alias.adapter, alias.version, start).requests
+        return served >= settings.canary_min_requests
 
     def _decide(self, alias: AliasRecord, verdict: Verdict, reason: str) -> VerdictRecord | None:
         try:

@@ -196,6 +196,7 @@ class Server:
             if self.registry.revision() == self.router.map.revision:
                 return False
             old, new = self.router.map, AliasMap.load(self.registry)
+            self._read_settings()
             in_use = {k.split("@")[0] for k in self.residency.resident()} | set(self.config.pinned)
             for key, target in new.targets().items():
                 if old.aliases.get(key, (None, None))[0] == target.version:
@@ -209,7 +210,6 @@ class Server:
                     new = new.with_alias(key, old.aliases.get(key))
             self.residency.pinned = {t.key for t in self._pinned_targets(new).values()}
             self.router.swap(new)
-            self._read_settings()
             REGISTRY_REVISION.set(new.revision)
             logger.info("alias map at revision %d", new.revision)
             return True
