@@ -12,6 +12,7 @@ A canary is judged once it has served >= `canary_min_requests` requests AND
 the same period:
 
 - error rate: canary's - production's <= `canary_max_error_rate_increase` (default 0.02);
+  production without requests in the period (a canary at weight 1) counts as rate 0;
 - latency: canary's p95 s/token / production's <= `canary_max_latency_ratio` (default 1.5),
   compared when both have latency samples;
 - feedback: production's mean score - canary's <= `canary_max_feedback_drop` (default 0.2),
