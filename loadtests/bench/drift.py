@@ -1,0 +1,99 @@
+"""B9: what the drift statistics cost: B1's mixed traffic against two servers started side
+by side from the same registry, one keeping drift windows and scores, one with --no-drift.
+
+So that the drift side does all of its work, its adapters are registered with a baseline
+profile (of the bench prompts) and it runs with --drift-min-samples 1: every window is
+scored from its first request, so the background thread recomputes every changed window
+about once a second while the load runs. Only one server has traffic at a time; rounds
+alternate between them, the order flipped every repeat, so slow drifts of the machine fall
+on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from loadtests.bench.common import (
+    Figure,
+    Setup,
+    http_round,
+    make_adapters,
+    prompts,
+    ratio_figure,
+    register,
+    serve_args,
+    serving,
+)
+from loadtests.bench.throughput import mixed_models
+
+FIRST_SEED = 900  # other weights than the adapters of the other figures
+
+
+def profiled_adapters(work: Path, base: Path, home: Path, setup: Setup) -> list[str]:
+    """Register `setup.adapters` adapters as drift0.. with a profile of the bench prompts."""
+    from tokenizers import Tokenizer
+
+    from registry.profile import build_profile
+
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    texts = prompts(256, offset=10_000)
+    profile = build_profile(
+        [tokenizer.encode(t).ids for t in texts],
+        vocab_size=tokenizer.get_vocab_size(),
+        completion_lengths=[setup.new_tokens] * len(texts),
+    )
+    paths = make_adapters(base, work / "drift-adapters", setup.adapters, setup.rank, FIRST_SEED)
+    for path in paths:
+        profile.save(path)
+        (path / "lorafleet.json").write_text(json.dumps({"drift_profile": "profile.json"}))
+    names = [f"drift{i}" for i in range(len(paths))]
+    register(home, base, dict(zip(names, paths, strict=True)), setup.rank)
+    return names
+
+
+def drift_figure(work: Path, base: Path, home: Path, setup: Setup) -> Figure:
+    names = profiled_adapters(work, base, home, setup)
+    texts = prompts(setup.streams)
+    models = mixed_models(names, setup.streams)
+    values: dict[str, list[float]] = {"drift-on": [], "drift-off": []}
+    args = serve_args(setup)
+    with (
+        serving(base, home, *args, "--drift-min-samples", "1") as on,
+        serving(base, home, *args, "--no-drift") as off,
+    ):
+        servers = {"drift-on": on, "drift-off": off}
+        for server in servers.values():
+            http_round(server.url, models, texts, 8)  # warm-up: every adapter loaded
+        for repeat in range(setup.repeats):
+            order = list(servers) if repeat % 2 == 0 else list(reversed(servers))
+            for side in order:
+                r = http_round(servers[side].url, models, texts, setup.new_tokens)
+                values[side].append(r.tokens_per_s)
+        scored = sum(
+            1 for line in on.metrics().splitlines() if line.startswith("lorafleet_drift_score{")
+        )
+        unscored = sum(
+            1 for line in off.metrics().splitlines() if line.startswith("lorafleet_drift_")
+        )
+    # Each repeat's two rounds ran back to back: their ratio cancels slower load changes.
+    pairs = [a / b for a, b in zip(values["drift-on"], values["drift-off"], strict=True)]
+    figure = ratio_figure(
+        "B9",
+        "drift on / drift off, HTTP, B1 mixed load",
+        setup.as_dict(),
+        "tok/s",
+        values,
+        "drift-on",
+        "drift-off",
+        0.98,
+        drift_scores_exported=scored,
+        drift_series_without_drift=unscored,
+        paired_ratios=pairs,
+    )
+    figure.note = (
+        f"back-to-back ratios {', '.join(f'{r:.3f}' for r in pairs)} "
+        f"(median {statistics.median(pairs):.3f}); {scored} drift scores exported"
+    )
+    return figure
