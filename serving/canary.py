@@ -18,7 +18,9 @@ the same period:
 - feedback: production's mean score - canary's <= `canary_max_feedback_drop` (default 0.2),
   compared only when both sides have feedback;
 - drift: every drift score of the canary version (serving/drift.py) at or below its
-  threshold; signals without a score (too few samples, no baseline) are not compared.
+  threshold, or at or below production's score on the same signal (a canary no further from
+  its baseline than production is from its own is not worse); signals without a canary
+  score (too few samples, no baseline) are not compared.
 
 Not worse on every compared criterion -> promoted (production -> the canary's version,
 canary alias removed); otherwise rolled back (canary alias removed). A canary that cannot be
@@ -274,13 +276,18 @@ def _drift(
                 )
             )
             continue
-        ok = score <= threshold
+        # Not worse: below the threshold, or no further from its own baseline than production
+        # is from its baseline on the same traffic (a retrained canary that still drifts a
+        # little on the traffic that made production drift is an improvement).
+        limit = threshold if other is None else max(threshold, other)
+        ok = score <= limit
         out.append(
             Criterion(
                 f"drift.{signal}",
                 ok,
-                f"drift {signal} canary {score:.3f} {'<=' if ok else '>'} threshold "
-                f"{threshold:g} (production {_num(other)})",
+                f"drift {signal} canary {score:.3f} {'<=' if ok else '>'} "
+                f"{'threshold' if limit == threshold else 'production'} {limit:.3g} "
+                f"(threshold {threshold:g}, production {_num(other)})",
             )
         )
     return out

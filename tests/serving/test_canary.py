@@ -59,7 +59,7 @@ def test_criteria_name_both_numbers_and_the_limit() -> None:
         "error rate canary 0.050 (2/40) vs production 0.000 (0/60): increase 0.050 > 0.02",
         "p95 s/token canary 0.0300 vs production 0.0100: ratio 3.00 > 1.5",
         "mean feedback canary 0.250 vs production 0.600 (4 vs 5 ratings): drop 0.350 > 0.2",
-        "drift prompt_tokens canary 0.310 > threshold 0.2 (production 0.050)",
+        "drift prompt_tokens canary 0.310 > threshold 0.2 (threshold 0.2, production 0.050)",
         "drift feedback canary n/a (production n/a): not compared (too few samples or no baseline)",
     ]
 
@@ -77,6 +77,20 @@ def test_a_canary_no_worse_than_production_passes_every_compared_criterion() -> 
         ("drift.prompt_tokens", True),  # 0.2 is not above 0.2
         ("drift.feedback", None),
     ]
+
+
+def test_a_canary_drifting_less_than_production_is_not_worse() -> None:
+    stats = VersionStats(10, 0, 10, 0.01, 0, None)
+    drift = {"prompt_tokens": 0.35, "prompt_length": 0.9}
+    production = {"prompt_tokens": 0.62, "prompt_length": 0.4}
+    thresholds = {"prompt_tokens": 0.2, "prompt_length": 0.25}
+    criteria = compare_stats(stats, stats, AdapterSettings(), drift, production, thresholds)
+    by_name = {c.name: c for c in criteria}
+    assert by_name["drift.prompt_tokens"].passed is True
+    assert by_name["drift.prompt_tokens"].text == (
+        "drift prompt_tokens canary 0.350 <= production 0.62 (threshold 0.2, production 0.620)"
+    )
+    assert by_name["drift.prompt_length"].passed is False  # above both
 
 
 def _canary_registry(home: Path, adapter_factory: Callable[..., Path], base: Path) -> Registry:
