@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -258,7 +259,10 @@ def prepare(
         fit_files, held_out = _split_held_out(base, raw_data, train_files, out / "data")
     new_files = _new_files(settings, production.adapter)
     rows = corrections(registry.db, production.adapter, settings.corrections)
-    corrections_file, added = _write_corrections(rows, fmt, out / "data" / "corrections.jsonl")
+    tokenizer = _tokenizer(base) if rows and fmt == "chat" else None
+    corrections_file, added = _write_corrections(
+        rows, fmt, out / "data" / "corrections.jsonl", tokenizer
+    )
     recorded.update(base=str(base), base_build=None, output={"dir": str(out), "overwrite": True})
     recorded["data"].update(
         train=[*fit_files, *new_files, *([corrections_file] if corrections_file else [])],
@@ -308,15 +312,11 @@ def _split_held_out(
     """The production run held out a share of its training rows: write the same split
     (same seed and filters) to files, so the held-out rows stay out of the candidate's
     training and both versions are scored on them."""
-    from transformers import AutoTokenizer
-
     try:
         data = DataConfig.model_validate({**raw_data, "train": train_files, "eval": []})
     except ValidationError as err:
         raise RetrainError(f"the production run's data config is invalid now: {err}") from err
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(base)
     _, held_out, _ = load_examples(data, tokenizer)
     held = {tuple(e.input_ids) for e in held_out}
     fit: list[dict[str, Any]] = []
@@ -331,8 +331,11 @@ def _split_held_out(
     return [str(fit_file)], [str(held_file)]
 
 
-def _write_corrections(rows: list[dict[str, Any]], fmt: str, path: Path) -> tuple[str | None, int]:
-    """Corrections as training rows of the adapter's format; (file or None, rows written)."""
+def _write_corrections(
+    rows: list[dict[str, Any]], fmt: str, path: Path, tokenizer: Any = None
+) -> tuple[str | None, int]:
+    """Corrections as training rows of the adapter's format; (file or None, rows written).
+    `tokenizer` (chat format) recovers the messages of prompts the server rendered."""
     out = []
     for row in rows:
         prompt, correction = row["prompt"], row["correction"]
@@ -343,18 +346,21 @@ def _write_corrections(rows: list[dict[str, Any]], fmt: str, path: Path) -> tupl
         elif fmt == "text":
             out.append({"text": prompt + correction})
         else:
-            out.append(
-                {"messages": [*_messages(prompt), {"role": "assistant", "content": correction}]}
-            )
+            turns = _messages(prompt, tokenizer)
+            out.append({"messages": [*turns, {"role": "assistant", "content": correction}]})
     if not out:
         return None, 0
     path.write_text("".join(json.dumps(r) + "\n" for r in out))
     return str(path), len(out)
 
 
-def _messages(prompt: str) -> list[dict[str, str]]:
-    """A chat request's prompt as stored with its feedback: a JSON list of messages, or
-    plain text (one user turn)."""
+CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.DOTALL)
+
+
+def _messages(prompt: str, tokenizer: Any = None) -> list[dict[str, str]]:
+    """The messages of a chat request as stored with its feedback: a JSON list of messages,
+    or the prompt the server rendered with the chat template (ChatML turns, kept only if
+    the tokenizer renders them back to the same text); else one user turn."""
     try:
         messages = json.loads(prompt)
     except json.JSONDecodeError:
@@ -364,21 +370,32 @@ def _messages(prompt: str) -> list[dict[str, str]]:
         for m in messages
     ):
         return [{"role": m["role"], "content": m["content"]} for m in messages]
+    turns = [{"role": r, "content": c} for r, c in CHATML_TURN.findall(prompt)]
+    if turns and tokenizer is not None:
+        rendered = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        if rendered == prompt:
+            return turns
     return [{"role": "user", "content": prompt}]
 
 
 def score_version(config: TuneConfig) -> dict[str, float]:
     """Scores of the adapter `config.method.init_from` (untrained) on the config's held-out
     set, with the same evaluation settings the run uses for the candidate."""
-    from transformers import AutoTokenizer
-
     from tuning.evaluation import score
     from tuning.train import build_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(config.base))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(config.base)
     _, held_out, _ = load_examples(config.data, tokenizer)
     model = build_model(config, config.base)
     scores = score(model, tokenizer, held_out, config.data, config.evaluation)
     return {k: float(scores[k]) for k in GATE_METRICS if k in scores}
+
+
+def _tokenizer(base: Path) -> Any:
+    """The base's tokenizer as a tuning run sets it up (pad = eos where it has no pad)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -382,20 +382,27 @@ def test_held_out_split_of_production_stays_out_of_training(
     ]
 
 
-def test_corrections_become_rows_of_the_adapters_format(tmp_path: Path) -> None:
+def test_corrections_become_rows_of_the_adapters_format(tiny_base: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
     from tuning.retrain import _write_corrections
 
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nall"}]
+    rendered = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     feedback = [
         {"prompt": json.dumps([{"role": "user", "content": "Hi"}]), "correction": "Hello!"},
+        {"prompt": rendered, "correction": "Hey."},  # as the server stores a chat request
         {"prompt": "plain question", "correction": "answer"},
         {"prompt": "blank", "correction": "  "},
     ]
-    path, count = _write_corrections(feedback, "chat", tmp_path / "c.jsonl")
-    assert count == 2 and path == str(tmp_path / "c.jsonl")
+    path, count = _write_corrections(feedback, "chat", tmp_path / "c.jsonl", tokenizer)
+    assert count == 3 and path == str(tmp_path / "c.jsonl")
     written = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert written[0]["messages"] == [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
     ]
-    assert written[1]["messages"][0] == {"role": "user", "content": "plain question"}
+    assert written[1]["messages"] == [*turns, {"role": "assistant", "content": "Hey."}]
+    assert written[2]["messages"][0] == {"role": "user", "content": "plain question"}
     assert _write_corrections([], "completion", tmp_path / "none.jsonl") == (None, 0)
