@@ -314,6 +314,12 @@ def test_due_schedule_queues_exactly_one_job(
     assert queue_due(fleet.db, actor="t", now=datetime.now(UTC) + timedelta(days=1)) == []
     jobs = list_jobs(fleet.db, "arith")
     assert [(j.id, j.trigger, j.state) for j in jobs] == [(1, "schedule", "queued")]
+    assert main(["jobs", "list", "arith", "--state", "queued", "--json", *home]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(j["id"], j["trigger"], j["state"]) for j in listed] == [(1, "schedule", "queued")]
+    assert listed[0]["reason"].startswith("scheduled for ")
+    assert main(["jobs", "list", "arith", "--state", "failed", *home]) == 0
+    assert capsys.readouterr().out == "no jobs\n"
 
     assert main(["jobs", "schedule", "arith", "--cron", "0 3 * * *", *home]) == 0
     assert main(["jobs", "schedules", *home]) == 0
