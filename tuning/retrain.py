@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -42,6 +42,9 @@ from registry.settings import AdapterSettings
 from tuning.config import DataConfig, TuneConfig, load_config
 from tuning.data import LOADERS, load_examples, read_rows, tokenize
 from tuning.errors import RetrainError
+
+if TYPE_CHECKING:
+    from tuning.train import RunResult
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0  # well below registry.jobs.STALE_AFTER_S
@@ -197,6 +200,27 @@ def _retrain(registry: Registry, job: JobRecord, actor: str) -> Outcome:
     if not verdict.passed:
         error = f"gate failed: {'; '.join(verdict.failures)}; nothing registered, no alias moved"
         return Outcome(False, error, result=outcome, error=error)
+    weight = settings.canary_weight
+    record = _publish(registry, job, production, result, verdict, weight, actor)
+    summary = (
+        f"registered {record.ref} from {production.ref}, canary at {weight:g}; "
+        f"gate passed: {verdict.describe()}"
+    )
+    outcome.update(version=record.version, canary_weight=weight)
+    return Outcome(True, summary, version=record.version, result=outcome)
+
+
+def _publish(
+    registry: Registry,
+    job: JobRecord,
+    production: VersionRecord,
+    result: RunResult,
+    verdict: GateVerdict,
+    weight: float,
+    actor: str,
+) -> VersionRecord:
+    """Register the candidate with its lineage, then point `canary` at it: the job's only
+    alias move, so a job killed before it changed no alias."""
     metadata = result.metadata.model_copy(
         update={"parent_version": production.version, "trigger": job.trigger, "job_id": job.id}
     )
@@ -209,7 +233,6 @@ def _retrain(registry: Registry, job: JobRecord, actor: str) -> Outcome:
         reason=f"job {job.id} ({job.trigger}): retrained from {production.ref}",
     )
     pause_point("retrain.registered")
-    weight = settings.canary_weight
     registry.set_alias(
         job.adapter,
         CANARY_ALIAS,
@@ -218,12 +241,7 @@ def _retrain(registry: Registry, job: JobRecord, actor: str) -> Outcome:
         actor=actor,
         reason=f"job {job.id}: gate passed, {verdict.describe()}",
     )
-    summary = (
-        f"registered {record.ref} from {production.ref}, canary at {weight:g}; "
-        f"gate passed: {verdict.describe()}"
-    )
-    outcome.update(version=record.version, canary_weight=weight)
-    return Outcome(True, summary, version=record.version, result=outcome)
+    return record
 
 
 def _production(registry: Registry, adapter: str) -> VersionRecord:
