@@ -49,7 +49,8 @@ class BaselineProfile(BaseModel):
     prompt_length_counts: list[int]
     """Examples per prompt-length bin."""
     completion_length_counts: list[int] | None = None
-    """Examples per completion-length bin (completion and chat data)."""
+    """Examples per completion-length bin (completion and chat data), in tokens including
+    the eos that ends each completion."""
     token_ids: list[int]
     """The most frequent prompt token ids, most frequent first."""
     token_counts: list[int]

@@ -345,7 +345,10 @@ class Server:
             COMPLETION_TOKENS.labels(adapter, version).inc(len(tokens))
             if generation.finish_reason in ("stop", "length"):
                 length = generation.finish_reason == "length"
-                self.drift.record(adapter, version, generation.prompt_ids, len(tokens), length)
+                # The baseline counts a training completion's tokens with its eos; a completion
+                # that ended by itself ended with one too (never sent to the client).
+                completion = len(tokens) + (0 if length else 1)
+                self.drift.record(adapter, version, generation.prompt_ids, completion, length)
             generation.prompt_ids = []  # recent responses keep no token ids
             self._finished(generation, time.perf_counter() - started)
             self._remember(generation)
