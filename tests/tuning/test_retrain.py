@@ -240,7 +240,9 @@ def test_job_registers_candidate_with_lineage_and_canary(
     assert "gate        passed" in shown and "1 new file(s), 1 correction(s)" in shown
 
 
-def test_candidate_failing_the_gate_registers_nothing(fleet: Registry) -> None:
+def test_candidate_failing_the_gate_registers_nothing(
+    fleet: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
     # lr 1 without clipping ruins the warm-started weights within a few steps.
     overrides = ["training.lr=1.0", "training.max_grad_norm=null", "training.max_steps=4"]
     fleet.update_settings("arith", {"retrain_overrides": overrides}, actor="tester")
@@ -264,6 +266,14 @@ def test_candidate_failing_the_gate_registers_nothing(fleet: Registry) -> None:
     assert finished.heartbeat_at > finished.started_at  # the background thread beat
     actions = [e.action for e in fleet.history("arith")]
     assert actions[-3:] == ["job.queued", "job.started", "job.failed"]
+
+    # The runner: a gate failure is the gate doing its work, not a failed run (exit 0).
+    queue_job(fleet.db, "arith", actor="tester")
+    assert main(["jobs", "run", "--home", str(fleet.home)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("job 2 arith failed (manual): gate failed: eval loss ")
+    assert line.endswith("nothing registered, no alias moved\n")
+    assert aliases(fleet) == {"production": (1, None)}
 
 
 def test_runner_killed_midway_changes_no_alias_and_is_failed_next_run(
