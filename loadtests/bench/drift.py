@@ -6,17 +6,20 @@ profile (of the bench prompts) and it runs with --drift-min-samples 1: every win
 scored from its first request, so the background thread recomputes every changed window
 about once a second while the load runs. Only one server has traffic at a time; rounds
 alternate between them, the order flipped every repeat, so slow drifts of the machine fall
-on both sides.
+on both sides. Beside tokens/s it reports each side's server CPU time per generated token,
+which other load on the machine disturbs less than wall time.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 
 from loadtests.bench.common import (
     Figure,
+    ServerProcess,
     Setup,
     http_round,
     make_adapters,
@@ -29,6 +32,14 @@ from loadtests.bench.common import (
 from loadtests.bench.throughput import mixed_models
 
 FIRST_SEED = 900  # other weights than the adapters of the other figures
+
+
+def cpu_seconds(server: ServerProcess) -> float:
+    """User + system CPU time of the server's processes so far."""
+    import psutil
+
+    times = [psutil.Process(pid).cpu_times() for pid in server.worker_pids()]
+    return sum(t.user + t.system for t in times)
 
 
 def profiled_adapters(work: Path, base: Path, home: Path, setup: Setup) -> list[str]:
@@ -58,6 +69,7 @@ def drift_figure(work: Path, base: Path, home: Path, setup: Setup) -> Figure:
     texts = prompts(setup.streams)
     models = mixed_models(names, setup.streams)
     values: dict[str, list[float]] = {"drift-on": [], "drift-off": []}
+    cpu_ms: dict[str, list[float]] = {"drift-on": [], "drift-off": []}
     args = serve_args(setup)
     with (
         serving(base, home, *args, "--drift-min-samples", "1") as on,
@@ -65,12 +77,16 @@ def drift_figure(work: Path, base: Path, home: Path, setup: Setup) -> Figure:
     ):
         servers = {"drift-on": on, "drift-off": off}
         for server in servers.values():
-            http_round(server.url, models, texts, 8)  # warm-up: every adapter loaded
+            # warm-up: every adapter loaded, the KV buffers grown to the rounds' length
+            http_round(server.url, models, texts, setup.new_tokens)
         for repeat in range(setup.repeats):
             order = list(servers) if repeat % 2 == 0 else list(reversed(servers))
             for side in order:
+                cpu, started = cpu_seconds(servers[side]), time.perf_counter()
                 r = http_round(servers[side].url, models, texts, setup.new_tokens)
+                tokens = r.tokens_per_s * (time.perf_counter() - started)
                 values[side].append(r.tokens_per_s)
+                cpu_ms[side].append(1000 * (cpu_seconds(servers[side]) - cpu) / tokens)
         scored = sum(
             1 for line in on.metrics().splitlines() if line.startswith("lorafleet_drift_score{")
         )
@@ -91,9 +107,12 @@ def drift_figure(work: Path, base: Path, home: Path, setup: Setup) -> Figure:
         drift_scores_exported=scored,
         drift_series_without_drift=unscored,
         paired_ratios=pairs,
+        server_cpu_ms_per_token=cpu_ms,
     )
+    on_cpu, off_cpu = (statistics.median(cpu_ms[s]) for s in ("drift-on", "drift-off"))
     figure.note = (
         f"back-to-back ratios {', '.join(f'{r:.3f}' for r in pairs)} "
-        f"(median {statistics.median(pairs):.3f}); {scored} drift scores exported"
+        f"(median {statistics.median(pairs):.3f}); server CPU per token {on_cpu:.2f} vs "
+        f"{off_cpu:.2f} ms ({on_cpu / off_cpu:.3f}x); {scored} drift scores exported"
     )
     return figure
