@@ -397,3 +397,23 @@ def test_admin_drift_and_report_errors_name_the_fix(
     missing = cli("drift", "report", "nope", "--out", out, *server_options(drift_service))
     assert missing.returncode == 2 and "model 'nope' does not exist" in missing.stderr
     assert not Path(out).exists()
+
+
+def test_promtool_accepts_the_drift_series(drift_service: Service) -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (see .ci/run)"
+    send(drift_service, [r["prompt"] for r in rows("sentiment", "eval")[:2]])
+    lines = drift_service.http.get("/metrics").text.splitlines()
+    ours = [line for line in lines if "lorafleet_drift_" in line]
+    assert any(line.startswith("lorafleet_drift_score{") for line in ours)
+    out = subprocess.run(
+        [promtool, "check", "metrics"],
+        input="\n".join(ours) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
