@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from registry.aliases import set_in
 from registry.database import Database, Transaction
 from registry.errors import InvalidSchedule, JobStateError, NotFound
 from registry.history import insert_event, utc_now
+from registry.names import CANARY_ALIAS
 
 JobState = Literal["queued", "running", "succeeded", "failed"]
 # A running job on another host is presumed dead after this long without a heartbeat.
@@ -216,9 +218,19 @@ def claim_job(
                     f"job {job_id} is {job.state}, not queued; only queued jobs run "
                     f"(queue a new one: lorafleet jobs queue {job.adapter})"
                 )
+            running = txn.execute(
+                "SELECT id FROM jobs WHERE adapter = ? AND state = 'running'", (job.adapter,)
+            ).fetchone()
+            if running is not None:
+                raise JobStateError(
+                    f"job {running[0]} of {job.adapter!r} is running; job {job_id} runs after "
+                    "it (one job per adapter at a time)"
+                )
         else:
+            # Never two jobs of one adapter at once: each would move its canary.
             row = txn.execute(
-                "SELECT * FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
+                "SELECT * FROM jobs WHERE state = 'queued' AND adapter NOT IN"
+                " (SELECT adapter FROM jobs WHERE state = 'running') ORDER BY id LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
@@ -274,8 +286,13 @@ def finish_job(
     result: dict[str, Any] | None = None,
     error: str | None = None,
     worker: str | None = None,
+    canary: tuple[float, str] | None = None,
 ) -> JobRecord:
-    """End a running job of this worker; `summary` is the history event's reason."""
+    """End a running job of this worker; `summary` is the history event's reason.
+
+    `canary` = (weight, reason) points the `canary` alias at the job's `version` in the same
+    transaction, so a job is either finished with its canary set or still running with no
+    alias moved (a worker killed before this commit is reaped as "no alias was changed")."""
     worker = worker or worker_id()
     with db.write("finish job") as txn:
         job = _running(txn, job_id, worker)
@@ -294,6 +311,10 @@ def finish_job(
             version=version,
             job=job_id,
         )
+        if canary is not None and succeeded and version is not None:
+            weight, reason = canary
+            set_in(txn, job.adapter, CANARY_ALIAS, version, weight=weight, actor=actor,
+                   reason=reason)
         return _get(txn, job_id)
 
 

@@ -36,7 +36,6 @@ from registry.errors import LorafleetError, NotFound
 from registry.faults import pause_point
 from registry.feedback import corrections
 from registry.jobs import JobRecord, finish_job, heartbeat, worker_id
-from registry.names import CANARY_ALIAS
 from registry.records import METADATA_FILE
 from registry.settings import AdapterSettings
 from tuning.config import DataConfig, TuneConfig, load_config
@@ -112,6 +111,7 @@ class Outcome:
     version: int | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    canary: tuple[float, str] | None = None  # weight, reason: set with the job's finish
 
 
 def job_dir(registry: Registry, job_id: int) -> Path:
@@ -141,6 +141,7 @@ def run_job(
         version=outcome.version,
         result=outcome.result,
         error=outcome.error,
+        canary=outcome.canary,
     )
 
 
@@ -201,26 +202,26 @@ def _retrain(registry: Registry, job: JobRecord, actor: str) -> Outcome:
         error = f"gate failed: {'; '.join(verdict.failures)}; nothing registered, no alias moved"
         return Outcome(False, error, result=outcome, error=error)
     weight = settings.canary_weight
-    record = _publish(registry, job, production, result, verdict, weight, actor)
+    record = _register(registry, job, production, result, actor)
     summary = (
         f"registered {record.ref} from {production.ref}, canary at {weight:g}; "
         f"gate passed: {verdict.describe()}"
     )
     outcome.update(version=record.version, canary_weight=weight)
-    return Outcome(True, summary, version=record.version, result=outcome)
+    canary = (weight, f"job {job.id}: gate passed, {verdict.describe()}")
+    return Outcome(True, summary, version=record.version, result=outcome, canary=canary)
 
 
-def _publish(
+def _register(
     registry: Registry,
     job: JobRecord,
     production: VersionRecord,
     result: RunResult,
-    verdict: GateVerdict,
-    weight: float,
     actor: str,
 ) -> VersionRecord:
-    """Register the candidate with its lineage, then point `canary` at it: the job's only
-    alias move, so a job killed before it changed no alias."""
+    """Register the candidate with its lineage. Its canary is set in the transaction that
+    finishes the job (`finish_job`): the job's only alias move, so a job killed before that
+    commit changed no alias."""
     metadata = result.metadata.model_copy(
         update={"parent_version": production.version, "trigger": job.trigger, "job_id": job.id}
     )
@@ -233,14 +234,6 @@ def _publish(
         reason=f"job {job.id} ({job.trigger}): retrained from {production.ref}",
     )
     pause_point("retrain.registered")
-    registry.set_alias(
-        job.adapter,
-        CANARY_ALIAS,
-        record.version,
-        weight=weight,
-        actor=actor,
-        reason=f"job {job.id}: gate passed, {verdict.describe()}",
-    )
     return record
 
 

@@ -235,3 +235,28 @@ def test_cli_settings_feedback_and_requests(reg: Registry, cli: Callable[..., An
     assert [json.loads(x)["correction"] for x in lines] == ["c"]
     history = cli("registry", "history", "support", "--all", home=home).stdout
     assert "settings support" in history
+
+
+def test_a_job_finishes_with_its_canary_in_one_transaction(
+    reg: Registry, tiny_base: Path, adapter_factory: Callable[..., Path]
+) -> None:
+    first, _ = jobs.queue_job(reg.db, "support", actor="alice")
+    claimed = jobs.claim_job(reg.db, actor="runner")
+    assert claimed is not None and claimed.id == first.id
+    reg.register("support", adapter_factory(tiny_base, seed=2), actor="runner")
+    second, _ = jobs.queue_job(reg.db, "support", actor="bob")
+    # One job per adapter at a time: the second waits while the first runs.
+    assert jobs.claim_job(reg.db, actor="runner2") is None
+    with pytest.raises(JobStateError, match=f"job {first.id} of 'support' is running"):
+        jobs.claim_job(reg.db, actor="runner2", job_id=second.id)
+    revision = reg.revision()
+    done = jobs.finish_job(
+        reg.db, first.id, succeeded=True, actor="runner", summary="registered support@2",
+        version=2, canary=(0.3, "gate passed"),
+    )
+    assert done.state == "succeeded" and reg.revision() == revision + 1
+    assert {(a.alias, a.version, a.weight) for a in reg.aliases("support")} == {
+        ("production", 1, None), ("canary", 2, 0.3),
+    }
+    assert [e.action for e in reg.history("support")][-2:] == ["job.succeeded", "alias.set"]
+    assert jobs.claim_job(reg.db, actor="runner2") is not None

@@ -229,12 +229,12 @@ def test_job_registers_candidate_with_lineage_and_canary(
         for needle in (
             "job.queued arith",
             "job.started arith",
+            "job.succeeded arith@2",  # and its canary move, in one transaction
             "alias.set arith:canary none -> 2 weight 0.25",
-            "job.succeeded arith@2",
         )
     ]
     assert steps == sorted(steps)
-    assert "weekly refresh" in history[steps[0]] and "job 1: gate passed" in history[steps[2]]
+    assert "weekly refresh" in history[steps[0]] and "job 1: gate passed" in history[steps[3]]
 
     shown = cli("jobs", "show", "1", home=fleet.home).stdout
     assert "gate        passed" in shown and "1 new file(s), 1 correction(s)" in shown
