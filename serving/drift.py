@@ -451,7 +451,7 @@ class Drift:
             "adapter": adapter,
             "version": int(version),
             "model": "base" if adapter == "base" else f"{adapter}@{version}",
-            "baseline": self._profile(key) is not None,
+            "baseline": signals["prompt_length"].baseline is not None,
             "samples": signals["prompt_length"].samples,
             "feedback_samples": signals["feedback"].samples,
             "window": self.settings.window,
