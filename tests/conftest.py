@@ -154,6 +154,7 @@ class Service:
         import openai
 
         self.url, self.home, self.adapters, self.base = url, home, adapters, base
+        self.admin_key = ADMIN_KEY
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         self.http = httpx.Client(base_url=url, timeout=60)
 
