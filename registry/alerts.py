@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from registry.database import Database
+from registry.database import Database, Transaction
 from registry.history import insert_event, utc_now
 from registry.jobs import JobRecord, queue_in
 from registry.settings import AdapterSettings
@@ -65,44 +65,39 @@ def receive_alert(
                 "duplicate",
                 f"already received (outcome {seen['outcome']}, job {seen['job_id']})",
             )
-        outcome: Outcome
+        known = adapter is not None and bool(
+            txn.execute("SELECT 1 FROM versions WHERE adapter = ? LIMIT 1", (adapter,)).fetchone()
+        )
+        outcome, detail, job_id = _decide(txn, adapter if known else None, labels)
+        # The alert's event comes first in the history, the job it queues right after.
+        event = insert_event(
+            txn,
+            actor=actor,
+            reason="",
+            action="alert.received",
+            adapter=adapter if known else None,
+            job=job_id,
+        )
         job = None
-        known = adapter is not None and txn.execute(
-            "SELECT 1 FROM versions WHERE adapter = ? LIMIT 1", (adapter,)
-        ).fetchone()
-        if not known:
-            outcome, detail = "ignored", f"label adapter={adapter!r} names no registered adapter"
-        else:
+        if outcome == "queued":
             assert adapter is not None
-            row = txn.execute("SELECT settings FROM settings WHERE adapter = ?", (adapter,))
-            found = row.fetchone()
-            settings = (
-                AdapterSettings.model_validate(json.loads(found[0])) if found else AdapterSettings()
+            job, _ = queue_in(
+                txn,
+                adapter,
+                f"alert:{fingerprint}",
+                actor=actor,
+                reason=f"{alertname} {_describe(labels)}",
+                details={
+                    "alert": {"fingerprint": fingerprint, "starts_at": starts_at, "labels": labels}
+                },
             )
-            cutoff = datetime.now(UTC) - timedelta(seconds=settings.alert_cooldown_s)
-            recent = txn.execute(
-                "SELECT id, created_at FROM jobs WHERE adapter = ? AND trigger LIKE 'alert:%'"
-                " AND created_at > ? ORDER BY id DESC LIMIT 1",
-                (adapter, cutoff.isoformat(timespec="milliseconds")),
-            ).fetchone()
-            if recent is not None:
-                outcome = "cooldown"
-                detail = (
-                    f"job {recent['id']} was queued by an alert at {recent['created_at']}, within "
-                    f"the cooldown of {settings.alert_cooldown_s:g} s"
-                )
-            else:
-                job, new = queue_in(
-                    txn,
-                    adapter,
-                    f"alert:{fingerprint}",
-                    actor=actor,
-                    reason=f"{alertname} {_describe(labels)}",
-                    details={"alert": {"fingerprint": fingerprint, "starts_at": starts_at,
-                                       "labels": labels}},
-                )
-                outcome = "queued" if new else "duplicate"
-                detail = f"job {job.id}" + ("" if new else " was already queued")
+            job_id, detail = job.id, f"job {job.id}"
+        elif job_id is not None:
+            job = _job(txn, job_id)
+        txn.execute(
+            "UPDATE events SET job = ?, reason = ? WHERE id = ?",
+            (job_id, f"{alertname} {fingerprint} {_describe(labels)}: {outcome} ({detail})", event),
+        )
         txn.execute(
             "INSERT INTO alerts (fingerprint, starts_at, received_at, alertname, adapter, labels,"
             " outcome, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -114,18 +109,45 @@ def receive_alert(
                 adapter,
                 json.dumps(labels, sort_keys=True),
                 outcome,
-                job.id if job else None,
+                job_id,
             ),
         )
-        insert_event(
-            txn,
-            actor=actor,
-            reason=f"{alertname} {fingerprint} {_describe(labels)}: {outcome} ({detail})",
-            action="alert.received",
-            adapter=adapter if known else None,
-            job=job.id if job else None,
-        )
         return AlertOutcome(fingerprint, adapter, outcome, detail, job)
+
+
+def _decide(
+    txn: Transaction, adapter: str | None, labels: dict[str, str]
+) -> tuple[Outcome, str, int | None]:
+    """What an alert does: (outcome, detail, id of the job it concerns)."""
+    if adapter is None:
+        unknown = labels.get("adapter")
+        return "ignored", f"label adapter={unknown!r} names no registered adapter", None
+    found = txn.execute("SELECT settings FROM settings WHERE adapter = ?", (adapter,)).fetchone()
+    settings = AdapterSettings.model_validate(json.loads(found[0])) if found else AdapterSettings()
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.alert_cooldown_s)
+    recent = txn.execute(
+        "SELECT id, created_at FROM jobs WHERE adapter = ? AND trigger LIKE 'alert:%'"
+        " AND created_at > ? ORDER BY id DESC LIMIT 1",
+        (adapter, cutoff.isoformat(timespec="milliseconds")),
+    ).fetchone()
+    if recent is not None:
+        return (
+            "cooldown",
+            f"job {recent['id']} was queued by an alert at {recent['created_at']}, within the "
+            f"cooldown of {settings.alert_cooldown_s:g} s",
+            None,
+        )
+    queued = txn.execute(
+        "SELECT id FROM jobs WHERE adapter = ? AND state = 'queued' ORDER BY id LIMIT 1",
+        (adapter,),
+    ).fetchone()
+    if queued is not None:
+        return "duplicate", f"job {queued['id']} was already queued", int(queued["id"])
+    return "queued", "", None
+
+
+def _job(txn: Transaction, job_id: int) -> JobRecord:
+    return JobRecord.from_row(txn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
 def _describe(labels: dict[str, str]) -> str:

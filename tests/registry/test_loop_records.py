@@ -136,6 +136,8 @@ def test_alerts_dedupe_cooldown_and_unknown_adapters(reg: Registry) -> None:
         ("f1", "queued"), ("f2", "cooldown"), ("f3", "ignored"), ("f4", "ignored"),
         ("f5", "queued"),
     ]
+    actions = [e.action for e in reg.history("support")]
+    assert actions[1:3] == ["alert.received", "job.queued"]  # the alert, then its job
     received = [e for e in reg.history("support") if e.action == "alert.received"]
     assert [e.job for e in received] == [first.job.id, None, received[-1].job]
     assert "prompt_tokens" in received[0].reason
