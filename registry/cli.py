@@ -8,7 +8,6 @@ A user error exits 2 with one line on stderr; `--debug` shows the traceback inst
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -16,11 +15,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from registry.arguments import emit, registry_options
 from registry.errors import LorafleetError
 from registry.loop_commands import add_loop_commands
 from registry.names import parse_model_ref
 from registry.records import VersionRecord
-from registry.registry import HOME_ENV, Registry, default_home
+from registry.registry import Registry
 
 COMMAND_GROUP = "lorafleet.commands"
 Handler = Callable[[argparse.Namespace], int]
@@ -58,31 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def emit(args: argparse.Namespace, data: Any, text: str) -> int:
-    """Print `data` as JSON with --json, else `text`."""
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
-    return 0
-
-
 # ---- lorafleet registry ------------------------------------------------------------------
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Entry point: add `lorafleet registry ...`."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help=f"registry directory (default: ${HOME_ENV} or ~/.lorafleet; now {default_home()})",
-    )
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
-    writes = argparse.ArgumentParser(add_help=False)
-    writes.add_argument(
-        "--actor", help="who makes the change (default: $LORAFLEET_ACTOR or user@host)"
-    )
-    writes.add_argument("--reason", default="", help="why; kept in the history")
-
+    common, writes = registry_options()
     registry = commands.add_parser(
         "registry",
         help="adapter versions, aliases and their history",

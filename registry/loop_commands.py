@@ -8,8 +8,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
+from registry.arguments import emit
 from registry.errors import LorafleetError
 from registry.registry import Registry
 from registry.settings import AdapterSettings, parse_assignments
@@ -66,18 +66,13 @@ def add_loop_commands(
     p.set_defaults(handler=cmd_requests)
 
 
-def _print(args: argparse.Namespace, data: Any, text: str) -> int:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
-    return 0
-
-
 def cmd_settings(args: argparse.Namespace) -> int:
     if args.defaults:
         lines = [
             f"{name} = {json.dumps(field.default)}\n    {field.description}"
             for name, field in AdapterSettings.model_fields.items()
         ]
-        return _print(args, AdapterSettings().model_dump(), "\n".join(lines))
+        return emit(args, AdapterSettings().model_dump(), "\n".join(lines))
     if not args.name:
         raise LorafleetError("name an adapter (or use --defaults)")
     registry = Registry(args.home)
@@ -97,7 +92,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
         f"{k:<32} {json.dumps(v)}" + ("" if k in changed else "  (default)")
         for k, v in current.model_dump().items()
     )
-    return _print(args, current.model_dump(), text)
+    return emit(args, current.model_dump(), text)
 
 
 def cmd_feedback_list(args: argparse.Namespace) -> int:
@@ -109,12 +104,12 @@ def cmd_feedback_list(args: argparse.Namespace) -> int:
         f"{r['review']}" + (f" correction {r['correction']!r}" if r["correction"] else "")
         for r in rows
     ]
-    return _print(args, rows, "\n".join(lines) or f"no feedback for {args.name}")
+    return emit(args, rows, "\n".join(lines) or f"no feedback for {args.name}")
 
 
 def cmd_feedback_review(args: argparse.Namespace) -> int:
     changed = Registry(args.home).review_feedback(args.ids, args.review)
-    return _print(args, {"changed": changed}, f"{changed} marked {args.review}")
+    return emit(args, {"changed": changed}, f"{changed} marked {args.review}")
 
 
 def cmd_requests(args: argparse.Namespace) -> int:

@@ -14,8 +14,9 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
+
+from registry.arguments import registry_options
 
 CANARY_HELP = """Decide a canary by hand. A server judges each canary by itself once it has
 served canary_min_requests requests and canary_window_s seconds have passed (adapter
@@ -29,16 +30,15 @@ def add_canary_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "canary", help="promote, roll back or inspect an adapter's canary", description=CANARY_HELP
     )
     sub = canary.add_subparsers(title="canary commands", metavar="COMMAND", required=True)
+    common, writes = registry_options()
     for verb, verdict, what in (
         ("promote", "promoted", "production -> the canary's version, canary alias removed"),
         ("rollback", "rolled_back", "canary alias removed, production unchanged"),
     ):
-        p = sub.add_parser(verb, help=what, description=f"{verb}: {what}.")
+        p = sub.add_parser(
+            verb, help=what, description=f"{verb}: {what}.", parents=[common, writes]
+        )
         p.add_argument("name", help="adapter name")
-        p.add_argument("--reason", default="", help="why; kept in the history")
-        p.add_argument("--home", type=Path, default=None, help="registry directory")
-        p.add_argument("--actor", help="who decides (default: $LORAFLEET_ACTOR or user@host)")
-        p.add_argument("--json", action="store_true", help="print JSON for scripts")
         p.set_defaults(handler=cmd_canary_decide, verdict=verdict)
     p = sub.add_parser(
         "status",

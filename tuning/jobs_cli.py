@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
 from registry import Registry
-from registry.cli import emit
+from registry.arguments import emit, registry_options
 from registry.jobs import (
     JobRecord,
     claim_job,
@@ -22,7 +21,7 @@ from registry.jobs import (
     remove_schedule,
     set_schedule,
 )
-from registry.registry import HOME_ENV, default_actor, default_home
+from registry.registry import default_actor
 
 JOBS_HELP = """Retraining jobs of the watch-and-retrain loop. A job retrains one adapter:
 its production version's training data + new files from the adapter's retrain_data_dir +
@@ -49,18 +48,7 @@ STATES = ("queued", "running", "succeeded", "failed")
 
 def add_jobs_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Entry point: add `lorafleet jobs ...`."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help=f"registry directory (default: ${HOME_ENV} or ~/.lorafleet; now {default_home()})",
-    )
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
-    writes = argparse.ArgumentParser(add_help=False)
-    writes.add_argument(
-        "--actor", help="who makes the change (default: $LORAFLEET_ACTOR or user@host)"
-    )
+    common, writes = registry_options(reason=False)
     jobs = commands.add_parser(
         "jobs", help="retraining jobs: queue, schedule, list, run", description=JOBS_HELP
     )
