@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime
+from typing import Any
 
-from registry.database import Transaction
+from registry.database import Database, Transaction
 from registry.records import Event
 
 ALIAS_ACTIONS = ("alias.set", "alias.rollback", "alias.remove")
@@ -92,3 +93,30 @@ def alias_head(txn: Transaction, adapter: str, alias: str) -> sqlite3.Row | None
         (adapter, alias, *ALIAS_ACTIONS),
     ).fetchone()
     return row
+
+
+def list_events(
+    db: Database,
+    adapter: str | None = None,
+    alias: str | None = None,
+    *,
+    all_events: bool = False,
+    limit: int | None = None,
+) -> list[Event]:
+    """Events oldest first: alias moves and the loop's steps, or every write with
+    `all_events`; `limit` keeps the newest."""
+    where: list[str] = []
+    params: list[Any] = []
+    if not all_events:
+        shown = (*ALIAS_ACTIONS, *LOOP_ACTIONS)
+        where.append(f"action IN ({', '.join('?' * len(shown))})")
+        params += shown
+    if adapter is not None:
+        where.append("adapter = ?")
+        params.append(adapter)
+    if alias is not None:
+        where.append("alias = ?")
+        params.append(alias)
+    sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+    return [event_from_row(r) for r in reversed(db.query(sql, tuple(params)))]

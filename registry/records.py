@@ -103,6 +103,28 @@ class VersionRecord:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ref": self.ref, "engines": self.engines}
 
+    @classmethod
+    def from_row(cls, row: sqlite3.Row, aliases: list[str]) -> VersionRecord:
+        return cls(
+            adapter=row["adapter"],
+            version=row["version"],
+            digest=row["digest"],
+            state=row["state"],
+            created_at=row["created_at"],
+            actor=row["actor"],
+            rank=row["rank"],
+            alpha=row["alpha"],
+            size_bytes=row["size_bytes"],
+            base_fingerprint=row["base_fingerprint"],
+            target_modules=json.loads(row["target_modules"]),
+            features=json.loads(row["features"]),
+            unservable=json.loads(row["unservable"]),
+            metadata=json.loads(row["metadata"]),
+            aliases=aliases,
+            archived_at=row["archived_at"],
+            purged=bool(row["purged"]),
+        )
+
 
 @dataclass(frozen=True)
 class AliasRecord:

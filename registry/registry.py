@@ -12,7 +12,6 @@ import getpass
 import json
 import os
 import socket
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from registry.errors import (
     NotInitialized,
 )
 from registry.faults import pause_point
-from registry.history import ALIAS_ACTIONS, LOOP_ACTIONS, event_from_row, insert_event, utc_now
+from registry.history import insert_event, list_events, utc_now
 from registry.maintenance import FsckReport
 from registry.names import ModelRef, check_name, parse_model_ref
 from registry.records import (
@@ -182,28 +181,6 @@ class Registry:
             held.setdefault(row["version"], []).append(row["alias"])
         return held
 
-    @staticmethod
-    def _version(row: sqlite3.Row, aliases: list[str]) -> VersionRecord:
-        return VersionRecord(
-            adapter=row["adapter"],
-            version=row["version"],
-            digest=row["digest"],
-            state=row["state"],
-            created_at=row["created_at"],
-            actor=row["actor"],
-            rank=row["rank"],
-            alpha=row["alpha"],
-            size_bytes=row["size_bytes"],
-            base_fingerprint=row["base_fingerprint"],
-            target_modules=json.loads(row["target_modules"]),
-            features=json.loads(row["features"]),
-            unservable=json.loads(row["unservable"]),
-            metadata=json.loads(row["metadata"]),
-            aliases=aliases,
-            archived_at=row["archived_at"],
-            purged=bool(row["purged"]),
-        )
-
     def adapter_names(self) -> list[str]:
         rows = self.db.query("SELECT DISTINCT adapter FROM versions ORDER BY adapter")
         return [r[0] for r in rows]
@@ -217,7 +194,7 @@ class Registry:
         if not rows:
             raise NotFound(self._unknown_adapter(adapter))
         held = self._aliases_by_version(adapter)
-        return [self._version(r, held.get(r["version"], [])) for r in rows]
+        return [VersionRecord.from_row(r, held.get(r["version"], [])) for r in rows]
 
     def _unknown_adapter(self, adapter: str) -> str:
         names = self.adapter_names()
@@ -268,21 +245,7 @@ class Registry:
     ) -> list[Event]:
         """Events oldest first: alias moves and the loop's steps (alerts, jobs, canary
         verdicts), or every write with `all_events`."""
-        where: list[str] = []
-        params: list[Any] = []
-        if not all_events:
-            shown = (*ALIAS_ACTIONS, *LOOP_ACTIONS)
-            where.append(f"action IN ({', '.join('?' * len(shown))})")
-            params += shown
-        if adapter is not None:
-            where.append("adapter = ?")
-            params.append(adapter)
-        if alias is not None:
-            where.append("alias = ?")
-            params.append(alias)
-        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [event_from_row(r) for r in reversed(self.db.query(sql, tuple(params)))]
+        return list_events(self.db, adapter, alias, all_events=all_events, limit=limit)
 
     def serving_snapshot(self) -> tuple[int, list[AliasRecord], dict[str, dict[int, str]]]:
         """Revision, aliases and version states read in one consistent snapshot."""
