@@ -1,14 +1,21 @@
-"""`make demo`: tune, register, serve and hot-swap adapters end to end on the CPU.
+"""`make demo`: tune, register, serve, hot-swap, watch and retrain, end to end on the CPU.
 
 Builds a tiny base model, fine-tunes two adapters on the example tasks, registers and
 promotes them, starts `lorafleet serve`, asks the base and each adapter, then registers a
 new version and promotes and rolls it back while a background client keeps sending
-requests, and prints what served each request. Files go to $DEMO_DIR (default .demo).
+requests, and prints what served each request. Then the loop: the `topic` adapter gets
+prompts it was not trained on, its drift scores cross their thresholds, the drift alert
+arrives at the server's webhook (here posted in Alertmanager's format; `make test` runs real
+Prometheus and Alertmanager), `lorafleet jobs run` retrains it on its data plus new data,
+the gate passes, and the server's canary verdict promotes the new version. Files go to
+$DEMO_DIR (default .demo).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
 DIR = Path(os.environ.get("DEMO_DIR", ROOT / ".demo"))
 ENV = {**os.environ, "LORAFLEET_HOME": str(DIR / "registry"), "LORAFLEET_ACTOR": "demo"}
+KEY = "demo-key"
 QUESTIONS = [
     ("Review: the coffee was awful and the staff was rude.\nSentiment:", ("base", "sentiment")),
     ("Review: the room was lovely and the service was excellent.\nSentiment:", ("sentiment",)),
@@ -96,7 +104,12 @@ def main() -> None:
             "--port",
             str(port),
             "--api-key",
-            "demo-key",
+            KEY,
+            # Small drift windows, so a few dozen requests show the shift.
+            "--drift-window",
+            "40",
+            "--drift-min-samples",
+            "30",
         ],
         env=ENV,
         cwd=ROOT,
@@ -120,6 +133,7 @@ def main() -> None:
             time.sleep(0.5)
         print(f"   ready at {url}")
         serve_phase(http)
+        loop_phase(http)
     finally:
         step("stop the service")
         os.killpg(server.pid, signal.SIGTERM)
@@ -181,6 +195,105 @@ def serve_phase(http: httpx.Client) -> None:
             )
         ):
             print(f"   {line}")
+
+
+
+def prompts(task: str, split: str = "eval") -> list[str]:
+    path = ROOT / "examples" / "data" / task / f"{split}.jsonl"
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+
+
+def send(http: httpx.Client, model: str, batch: list[str]) -> list[str]:
+    """Versions that served `batch`, sent one after another (greedy, up to 16 tokens)."""
+    served = []
+    for prompt in batch:
+        r = http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0},
+        )
+        r.raise_for_status()
+        served.append(r.headers["X-Lorafleet-Adapter-Version"])
+    return served
+
+
+def show_drift(http: httpx.Client, ref: str) -> dict[str, float | None]:
+    report = http.get(
+        "/admin/drift", params={"model": ref}, headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
+    scores = {name: s["score"] for name, s in report["signals"].items()}
+    shown = ", ".join(
+        f"{name} {score:.2f}" + (" DRIFT" if score > report["signals"][name]["threshold"] else "")
+        for name, score in scores.items()
+        if score is not None
+    )
+    print(f"   {ref} drift scores: {shown or 'not enough samples yet'}")
+    return scores
+
+
+def loop_phase(http: httpx.Client) -> None:
+    step("watch and retrain: users of `topic` start sending reviews")
+    new_data = DIR / "new-data" / "topic"
+    new_data.mkdir(parents=True)
+    # The reviews users now send, labelled: the new data a retraining job adds.
+    shutil.copy(ROOT / "examples/data/sentiment/train.jsonl", new_data / "reviews.jsonl")
+    lorafleet(
+        "registry", "settings", "topic", f"retrain_data_dir={new_data}", "canary_weight=0.5",
+        "canary_min_requests=10", "canary_window_s=2", "gate_tolerance=0.1", quiet=True,
+    )
+    # The candidate also learns the reviews: its loss on topic's own held-out set may rise by
+    # up to 10% (gate_tolerance 0.1); with the default 0 this run's candidate was refused.
+    print(
+        "   (settings: new data from new-data/topic; the gate lets topic's held-out loss rise "
+        "10%;\n    canary at 0.5, judged after 10 requests and 2 s)"
+    )
+    send(http, "topic", prompts("topic")[:40])
+    show_drift(http, "topic@1")
+    send(http, "topic", prompts("sentiment")[:40])
+    scores = show_drift(http, "topic@1")
+    lorafleet(
+        "drift", "report", "topic@1", "--out", str(DIR / "drift-topic.html"),
+        "--url", str(http.base_url), "--api-key", KEY, quiet=True,
+    )
+    print(f"   baseline vs live, per signal: {DIR / 'drift-topic.html'}")
+    signal_name = max((v or 0.0, k) for k, v in scores.items())[1]
+
+    step("the drift alert reaches the server's webhook (Alertmanager's payload, version 4)")
+    alert = {
+        "status": "firing",
+        "labels": {"alertname": "LorafleetDrift", "adapter": "topic", "version": "1",
+                   "signal": signal_name, "severity": "warning"},
+        "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": "5e1ec7ed0d3a7a11",
+    }
+    payload = {"version": "4", "status": "firing", "receiver": "lorafleet-retrain",
+               "groupKey": "demo", "alerts": [alert]}
+    answer = http.post(
+        "/admin/alerts", json=payload, headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
+    print(f"   POST /admin/alerts -> {answer['alerts'][0]['outcome']} "
+          f"({answer['alerts'][0]['detail']})")
+    lorafleet("jobs", "run")  # exits 0 also when the gate refuses the candidate
+
+    step("the canary takes half of `topic`'s traffic; the server judges it")
+    mixed = prompts("topic")[40:] + prompts("sentiment")[40:]
+    rng = random.Random(0)
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        seen += send(http, "topic", rng.sample(mixed, 8))
+        models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        aliases = models["topic"]["aliases"]
+        if "canary" not in aliases:
+            break
+    print(f"   {len(seen)} requests: {seen.count('topic@1')} by topic@1, "
+          f"{seen.count('topic@2')} by topic@2 (the canary)")
+    print(f"   topic aliases now: {aliases}")
+    if aliases.get("production") != 2:
+        sys.exit("demo failed: the canary was not promoted")
+    for prompt in (prompts("topic")[0], prompts("sentiment")[0]):
+        served, text = complete(http, "topic", prompt)
+        print(f"   {prompt.splitlines()[0][:58]:<58} {served:<12} -> {text!r}")
+    lorafleet("registry", "history", "topic")
 
 
 if __name__ == "__main__":
