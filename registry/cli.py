@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,32 @@ COMMAND_GROUP = "lorafleet.commands"
 Handler = Callable[[argparse.Namespace], int]
 
 
+# pyproject.toml's `lorafleet.commands` entry points, for a checkout that is not installed
+# (the Bento image runs `python -m registry jobs run`); a test keeps the two equal.
+COMMANDS = {
+    "base": "tuning.cli:add_base_commands",
+    "canary": "serving.canary_commands:add_canary_commands",
+    "drift": "serving.cli:add_drift_commands",
+    "jobs": "tuning.jobs_cli:add_jobs_commands",
+    "registry": "registry.cli:add_commands",
+    "serve": "serving.cli:add_serve_commands",
+    "tune": "tuning.cli:add_tune_commands",
+}
+
+
+def command_adders() -> list[tuple[str, Callable[[Any], None]]]:
+    """(name, function adding its subcommands), from the installed entry points, else from
+    COMMANDS."""
+    found = entry_points(group=COMMAND_GROUP)
+    if found:
+        return [(ep.name, ep.load()) for ep in sorted(found, key=lambda e: e.name)]
+    adders = []
+    for name, target in sorted(COMMANDS.items()):
+        module, _, function = target.partition(":")
+        adders.append((name, getattr(import_module(module), function)))
+    return adders
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafleet",
@@ -33,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
-        ep.load()(commands)
+    for _, add in command_adders():
+        add(commands)
     return parser
 
 

@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 REGISTRY_COMMANDS = [
     "init",
     "register",
@@ -97,3 +99,23 @@ def test_user_errors_exit_2_with_one_line(cli: Callable[..., object], tmp_path: 
     assert result.stderr.count("\n") == 1
     debug = cli("--debug", "registry", "list", home=tmp_path / "none")
     assert "Traceback" in debug.stderr
+
+
+def test_commands_table_equals_the_entry_points_and_serves_an_uninstalled_checkout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Bento image is not an installed project: `python -m registry ...` finds the
+    subcommands through registry.cli.COMMANDS, which must list pyproject.toml's entry points."""
+    import tomllib
+
+    import registry.cli
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"]["lorafleet.commands"]
+    assert registry.cli.COMMANDS == declared
+    monkeypatch.setattr(registry.cli, "entry_points", lambda group: [])
+    parser = registry.cli.build_parser()
+    args = parser.parse_args(["jobs", "run", "--max-jobs", "0"])
+    assert args.handler.__module__ == "tuning.jobs_cli" and args.max_jobs == 0
+    names = [name for name, _ in registry.cli.command_adders()]
+    assert names == sorted(declared)

@@ -300,7 +300,8 @@ def test_server_and_cronjob_share_image_volume_secret_and_home() -> None:
     job = cron["jobTemplate"]["spec"]["template"]
     (server,), (retrain,) = deployment["spec"]["containers"], job["spec"]["containers"]
     assert server["image"] == retrain["image"]
-    assert retrain["args"] == ["lorafleet", "jobs", "run"]
+    assert retrain["args"] == ["python", "-m", "registry", "jobs", "run"]
+    assert retrain["workingDir"] == "/home/bentoml/bento/src"
     assert cron["concurrencyPolicy"] == "Forbid"
     for pod, container in ((deployment, server), (job, retrain)):
         (volume,) = pod["spec"]["volumes"]

@@ -31,3 +31,8 @@ def test_bentoml_build_offline(tmp_path: Path) -> None:
         assert path in manifest["schema"]["paths"], path
     assert (bento / "src" / "serving" / "engines" / "hf.py").is_file()
     assert not (bento / "src" / "tests").exists()
+    # The image also runs the retraining CronJob (`python -m registry jobs run`).
+    wanted = (bento / "env" / "python" / "requirements.in").read_text()
+    for package in ("scipy", "datasets", "croniter", "matplotlib"):
+        assert package in wanted, package
+    assert (bento / "src" / "registry" / "__main__.py").is_file()
