@@ -2,8 +2,10 @@
 (registry/requestlog.py), appended in batches by a background thread.
 
 `submit` runs on the event loop and only appends to an in-memory list (never SQLite); the
-writer thread takes up to BATCH_ROWS rows at least every `interval_s`, appends them in one
-transaction and prunes the log to `max_rows_per_adapter` rows per adapter and `max_age_s`.
+writer thread takes up to BATCH_ROWS rows at least every `interval_s` and appends them in
+one transaction; at most every PRUNE_INTERVAL_S (and when closing) it prunes the log to
+`max_rows_per_adapter` rows per adapter and `max_age_s` (pruning counts rows per adapter,
+a scan of the log: too costly for every batch of a busy server).
 A failing write is logged and its rows dropped: the log never fails or slows a request.
 When writes fall behind by more than MAX_PENDING rows, new rows are dropped (counted in the
 log). `close` writes what is pending.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 
 from registry.errors import LorafleetError
@@ -23,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_ROWS = 256
 MAX_PENDING = 50_000
+PRUNE_INTERVAL_S = 30.0
 
 
 class RequestLogWriter:
@@ -43,6 +47,7 @@ class RequestLogWriter:
         self.opted_out: frozenset[str] = frozenset()  # adapters whose request_log is false
         self.written = 0
         self.dropped = 0
+        self._pruned_at = float("-inf")
         self._pending: list[LoggedRequest] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -89,7 +94,10 @@ class RequestLogWriter:
         try:
             log = self._open_log()
             log.append(batch)
-            log.prune(max_rows_per_adapter=self.max_rows_per_adapter, max_age_s=self.max_age_s)
+            now = time.monotonic()
+            if self._stop.is_set() or now - self._pruned_at >= PRUNE_INTERVAL_S:
+                log.prune(max_rows_per_adapter=self.max_rows_per_adapter, max_age_s=self.max_age_s)
+                self._pruned_at = now
         except (LorafleetError, sqlite3.Error, OSError) as err:
             self.dropped += len(batch)
             logger.error("request log: %d rows dropped: %s", len(batch), err)
