@@ -8,6 +8,7 @@ bumps the revision, the change feed that servers poll.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from registry.errors import RegistryBusy
+from registry.errors import LorafleetError, RegistryBusy
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -142,6 +143,25 @@ MIGRATIONS = (
 )
 
 SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+BUSY_TIMEOUT_ENV = "LORAFLEET_BUSY_TIMEOUT_S"
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+
+
+def default_busy_timeout_s() -> float:
+    """$LORAFLEET_BUSY_TIMEOUT_S, else 30: how long a write waits for another process's lock."""
+    raw = os.environ.get(BUSY_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_BUSY_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise LorafleetError(
+            f"{BUSY_TIMEOUT_ENV}={raw!r} is not a number of seconds in [0, 3600]; "
+            f"unset it for the default {DEFAULT_BUSY_TIMEOUT_S:g}"
+        )
+    return value
 
 
 class Transaction:
@@ -209,8 +229,9 @@ class Database:
             if getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY_CODES:
                 raise RegistryBusy(
                     f"registry database {self.path} stayed locked by another process for more "
-                    f"than {self.busy_timeout_s:g} s during {what}; retry, or find the process "
-                    "holding it (fuser registry.db)"
+                    f"than {self.busy_timeout_s:g} s during {what}; nothing was written. Retry, "
+                    f"find the process holding it (fuser {self.path}), or wait longer with "
+                    f"{BUSY_TIMEOUT_ENV}=SECONDS"
                 ) from err
             raise
 

@@ -18,7 +18,7 @@ from typing import Any
 from registry import aliases, feedback, maintenance, settings
 from registry.artifacts import ArtifactStore, LocalArtifactStore
 from registry.basemodel import BaseModelInfo, inspect_base
-from registry.database import SCHEMA_VERSION, Database, Transaction
+from registry.database import SCHEMA_VERSION, Database, Transaction, default_busy_timeout_s
 from registry.errors import (
     AliasConflict,
     AlreadyInitialized,
@@ -65,8 +65,14 @@ def default_actor() -> str:
 class Registry:
     """A registry at `home` (default $LORAFLEET_HOME or ~/.lorafleet), created by `create`."""
 
-    def __init__(self, home: Path | str | None = None, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, home: Path | str | None = None, *, busy_timeout_s: float | None = None
+    ) -> None:
+        """`busy_timeout_s`: how long a statement waits for another process's lock before
+        RegistryBusy (default $LORAFLEET_BUSY_TIMEOUT_S, else 30)."""
         self.home = Path(home).expanduser() if home else default_home()
+        if busy_timeout_s is None:
+            busy_timeout_s = default_busy_timeout_s()
         db_path = self.home / DB_FILE
         missing = NotInitialized(
             f"no registry at {self.home}; create one with `lorafleet registry init --base DIR` "
@@ -91,7 +97,7 @@ class Registry:
         *,
         max_rank: int | None = None,
         actor: str | None = None,
-        busy_timeout_s: float = 30.0,
+        busy_timeout_s: float | None = None,
     ) -> Registry:
         """Create a registry bound to `base_dir`'s fingerprint; idempotent for the same base.
 
@@ -103,6 +109,8 @@ class Registry:
         info = inspect_base(base_dir)
         home_path.mkdir(parents=True, exist_ok=True)
         actor = actor or default_actor()
+        if busy_timeout_s is None:
+            busy_timeout_s = default_busy_timeout_s()
         db = Database(home_path / DB_FILE, busy_timeout_s)
         try:
             with db.write("init") as txn:
@@ -295,7 +303,7 @@ class Registry:
     def request_log(self) -> RequestLog:
         """The log of served requests (its own SQLite file beside the registry's)."""
         if self._request_log is None:
-            self._request_log = RequestLog(self.home)
+            self._request_log = RequestLog(self.home, self.db.busy_timeout_s)
         return self._request_log
 
     def logged_requests(

@@ -4,11 +4,14 @@ and `fsck --repair` leaves the registry clean."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +124,148 @@ def test_repeated_kills_leave_fsck_clean(
     assert registry.fsck(verify=True).clean
     assert [v.version for v in registry.list_versions("support")] == [1]
     assert {a.alias for a in registry.aliases("support")} == {"production"}
+
+
+# ---- many kills in a row at random points: `test_kills_in_a_row` (20, part of make test)
+# and its `make chaos` variant (LORAFLEET_CHAOS_KILLS, default 200). A third of the kills hit
+# a random moment of a real CLI run instead of a pause point.
+
+REGISTER_POINTS = [
+    "register.validated",
+    "register.copying",
+    "register.copied",
+    "register.stored",
+    "register.committing",
+]
+# What `fsck --repair` removes, as README's Safety paragraph promises: unreferenced files.
+REPAIRABLE = ("orphan artifact", "unfinished registration")
+POOL = 10  # adapters with distinct content; a killed registration can be retried with its own
+
+
+def assert_history_consistent(registry: Registry) -> None:
+    """Every alias holds the version of its last history event; a removed alias is gone."""
+    current = {(a.adapter, a.alias): a.version for a in registry.aliases()}
+    last: dict[tuple[str, str], int | None] = {}
+    for event in registry.history(all_events=True):
+        if event.action.startswith("alias.") and event.adapter and event.alias:
+            removed = event.action == "alias.remove"
+            last[(event.adapter, event.alias)] = None if removed else event.version
+    assert current == {key: v for key, v in last.items() if v is not None}
+
+
+def can_roll_back(registry: Registry) -> bool:
+    """support:production's last move has a holder before it (what rollback returns to)."""
+    rows = registry.db.query(
+        "SELECT below FROM events WHERE adapter = 'support' AND alias = 'production'"
+        " AND action LIKE 'alias.%' ORDER BY id DESC LIMIT 1"
+    )
+    return bool(rows) and rows[0]["below"] is not None
+
+
+def kill_at_random_time(args: list[str], home: Path, delay_s: float) -> None:
+    """Start `lorafleet ARGS` and SIGKILL it after `delay_s`, finished or not."""
+    env = {**os.environ, "LORAFLEET_HOME": str(home)}
+    proc = subprocess.Popen(
+        [LORAFLEET, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        proc.wait(timeout=delay_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def kill_in_a_row(
+    kills: int, seed: int, home: Path, tiny_base: Path, adapter_factory: Callable[..., Path]
+) -> dict[str, int]:
+    """`kills` SIGKILLs of register/promote/rollback; after each, the registry shows exactly
+    the finished work. Returns counts for the report."""
+    rng = random.Random(seed)
+    pool = [adapter_factory(tiny_base, seed=100 + i) for i in range(POOL)]
+    registry = Registry(home)
+    registry.register("support", pool[0])
+    registry.register("support", pool[1])
+    registry.promote("support", 1)
+    counts = {"kills": 0, "paused_kills": 0, "timed_kills": 0, "finished_before_kill": 0}
+    for _ in range(kills):
+        versions = [v.version for v in registry.list_versions("support")]
+        history, revision = registry.history(all_events=True), registry.revision()
+        aliases = {(a.alias, a.version) for a in registry.aliases("support")}
+        register_args = ["registry", "register", "support", str(pool[len(versions) % POOL])]
+        production = registry.resolve("support").version
+        others = [v for v in versions if v != production]
+        move_args = (
+            ["registry", "rollback", "support"]
+            if can_roll_back(registry) and (not others or rng.random() < 0.4)
+            else ["registry", "promote", "support", str(rng.choice(others))]
+        )
+        can_register = len(versions) < POOL
+        if rng.random() < 1 / 3:
+            args = register_args if can_register and rng.random() < 0.5 else move_args
+            kill_at_random_time(args, home, rng.uniform(0.05, 1.5))
+            counts["timed_kills"] += 1
+            registry.close()
+            registry = Registry(home)
+            if registry.revision() != revision:
+                counts["finished_before_kill"] += 1  # the whole write, never a part of it
+                assert len(registry.history(all_events=True)) == len(history) + 1
+        else:
+            if can_register and rng.random() < 0.6:
+                run_until_paused(register_args, home, rng.choice(REGISTER_POINTS))
+            else:
+                run_until_paused(move_args, home, "alias.committing")
+            counts["paused_kills"] += 1
+            registry.close()
+            registry = Registry(home)
+            assert registry.revision() == revision
+            assert registry.history(all_events=True) == history
+            assert [v.version for v in registry.list_versions("support")] == versions
+            assert {(a.alias, a.version) for a in registry.aliases("support")} == aliases
+        counts["kills"] += 1
+        problems = registry.fsck().problems
+        assert all(any(kind in p for kind in REPAIRABLE) for p in problems), problems
+        assert_history_consistent(registry)
+        if rng.random() < 0.25 and others:  # finished work between kills: varied states
+            registry.promote("support", rng.choice(others), actor="tests")
+    registry.close()
+    return counts
+
+
+def check_after_kills(home: Path, cli: Callable[..., Any]) -> int:
+    """`fsck` finds only what --repair removes; after it `fsck --verify` is clean; every
+    version's files verify. Returns the number of problems repaired."""
+    import json
+
+    found = json.loads(cli("registry", "fsck", "--json", home=home).stdout)
+    assert all(any(kind in p for kind in REPAIRABLE) for p in found["problems"]), found
+    repair = cli("registry", "fsck", "--repair", "--json", home=home)
+    assert repair.returncode == 0, repair.stderr
+    assert len(json.loads(repair.stdout)["repaired"]) == len(found["problems"])
+    verify = cli("registry", "fsck", "--verify", home=home)
+    assert verify.returncode == 0 and verify.stdout.strip().endswith("clean"), verify.stdout
+    registry = Registry(home)
+    assert_history_consistent(registry)
+    for record in registry.list_versions("support"):
+        registry.artifact_path(record, verify=True)
+    registry.close()
+    return len(found["problems"])
+
+
+def test_kills_in_a_row(
+    home: Path, tiny_base: Path, adapter_factory: Callable[..., Path], cli: Callable[..., Any]
+) -> None:
+    counts = kill_in_a_row(20, 7, home, tiny_base, adapter_factory)
+    repaired = check_after_kills(home, cli)
+    assert counts["kills"] == 20
+    print(f"kills in a row: {counts}, repaired {repaired}")
+
+
+@pytest.mark.chaos
+def test_kills_in_a_row_chaos(
+    home: Path, tiny_base: Path, adapter_factory: Callable[..., Path], cli: Callable[..., Any]
+) -> None:
+    kills = int(os.environ.get("LORAFLEET_CHAOS_KILLS", "200"))
+    counts = kill_in_a_row(kills, int(time.time()), home, tiny_base, adapter_factory)
+    repaired = check_after_kills(home, cli)
+    assert counts["kills"] == kills
+    print(f"chaos kills in a row: {counts}, repaired {repaired}")
