@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 import time
 import uuid
@@ -184,7 +186,14 @@ class Server:
             self.residency.ensure(target)
 
     def _poll(self) -> None:
+        supervisor = os.getppid()
         while not self._stop.wait(self.config.poll_interval_s):
+            if os.getppid() != supervisor:
+                # BentoML's supervisor gives each worker its own session, so a SIGKILL of the
+                # `lorafleet serve` process group would leave this worker serving on alone.
+                logger.error("the server's supervisor (pid %d) is gone; stopping", supervisor)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             try:
                 self.refresh()
             except LorafleetError as err:  # registry busy: keep serving from the old map
