@@ -208,8 +208,15 @@ async def residency(request: Request) -> dict[str, Any]:
 async def promote(body: PromoteRequest, request: Request) -> dict[str, Any]:
     actor = require_admin(request)
     server = server_of(request)
-    move = server.registry.set_alias(
-        body.adapter, body.alias, body.version, weight=body.weight, actor=actor, reason=body.reason
+    # A thread: waiting for another process's registry lock must not stall other requests.
+    move = await asyncio.to_thread(
+        server.registry.set_alias,
+        body.adapter,
+        body.alias,
+        body.version,
+        weight=body.weight,
+        actor=actor,
+        reason=body.reason,
     )
     await _apply(server)
     return move.to_dict()
@@ -219,7 +226,9 @@ async def promote(body: PromoteRequest, request: Request) -> dict[str, Any]:
 async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
     actor = require_admin(request)
     server = server_of(request)
-    move = server.registry.rollback(body.adapter, body.alias, actor=actor, reason=body.reason)
+    move = await asyncio.to_thread(
+        server.registry.rollback, body.adapter, body.alias, actor=actor, reason=body.reason
+    )
     await _apply(server)
     return move.to_dict()
 
