@@ -99,6 +99,11 @@ def _check_files(adapter_dir: Path) -> None:
                 f"adapter directory {adapter_dir} contains a subdirectory {path.name!r}; "
                 "register the directory that holds adapter_config.json and its weights only"
             )
+        if not path.is_file():
+            raise InvalidAdapter(
+                f"adapter directory {adapter_dir} contains {path.name!r}, which is not a "
+                "regular file (a pipe, socket or device); remove it"
+            )
         if path.suffix in PICKLE_SUFFIXES:
             raise AdapterWeightsError(
                 f"adapter {adapter_dir} contains pickle file {path.name!r}; lorafleet never "

@@ -4,7 +4,6 @@ errors to status codes. This is the only place that knows about HTTP."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +17,8 @@ from pydantic import ValidationError
 from registry.errors import (
     AliasConflict,
     CorruptArtifact,
+    DuplicateContent,
+    InvalidAdapter,
     InvalidName,
     LorafleetError,
     NotFound,
@@ -25,8 +26,16 @@ from registry.errors import (
 )
 from registry.names import parse_model_ref
 from registry.verdicts import Verdict
+from serving.access import ADMIN_REFUSAL, KeyCheck, Keys, bearer_matches
 from serving.alerts import receive_notification
-from serving.errors import BadRequest, EngineStopped, NotServable, Overloaded, Unauthorized
+from serving.errors import (
+    AdapterTooLarge,
+    BadRequest,
+    EngineStopped,
+    NotServable,
+    Overloaded,
+    Unauthorized,
+)
 from serving.schemas import (
     AlertmanagerPayload,
     CanaryRequest,
@@ -35,10 +44,12 @@ from serving.schemas import (
     FeedbackRequest,
     ModelRequest,
     PromoteRequest,
+    RegisterRequest,
     RollbackRequest,
     SamplingFields,
 )
 from serving.server import Generation, Server
+from serving.uploads import register_upload
 
 VERSION_HEADER = "X-Lorafleet-Adapter-Version"
 SESSION_HEADER = "X-Session-Id"
@@ -50,12 +61,25 @@ STATUS: list[tuple[type[LorafleetError], int]] = [
     (NotServable, 409),
     (AliasConflict, 409),
     (CorruptArtifact, 409),
+    (DuplicateContent, 409),
+    (InvalidAdapter, 422),  # every validation failure of an uploaded adapter
+    (AdapterTooLarge, 413),
     (Overloaded, 503),
     (RegistryBusy, 503),
     (EngineStopped, 503),
 ]
 
 app = FastAPI(title="lorafleet", description="One base model, many LoRA adapters.")
+
+
+def _keys() -> Keys:
+    server: Server | None = getattr(app.state, "server", None)
+    if server is None:  # not started: admin refused, inference open
+        return Keys(admin=None, inference=None)
+    return Keys(admin=server.config.api_key, inference=server.config.inference_key)
+
+
+app.add_middleware(KeyCheck, keys=_keys)  # outermost: 401 before limits, routing or body
 
 
 def server_of(request: Request) -> Server:
@@ -78,18 +102,14 @@ async def lorafleet_error(_: Request, err: LorafleetError) -> JSONResponse:
 def require_admin(request: Request) -> str:
     """The actor of an admin call; 401 unless the bearer token equals the admin key."""
     key = server_of(request).config.api_key
-    given = request.headers.get("authorization", "")
-    token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
-    if not key or not hmac.compare_digest(token.encode(), key.encode()):
+    if not bearer_matches(request.headers.get("authorization", ""), key):
         raise Unauthorized()
     return "api:" + request.headers.get(ACTOR_HEADER, "admin")
 
 
 @app.exception_handler(Unauthorized)
 async def unauthorized(_: Request, __: Unauthorized) -> JSONResponse:
-    response = error_response(
-        401, "admin endpoints need Authorization: Bearer <the server's --api-key>", "Unauthorized"
-    )
+    response = error_response(401, ADMIN_REFUSAL, "Unauthorized")
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
@@ -255,6 +275,36 @@ async def unload(body: ModelRequest, request: Request) -> dict[str, Any]:
     if target.key in server.residency.pinned:
         raise NotServable(f"{target.key} is pinned; it stays resident")
     return {"unloaded": target.key if server.residency.unload(target.key) else None}
+
+
+@app.post("/admin/adapters/{name}", status_code=201)
+async def register_adapter(name: str, body: RegisterRequest, request: Request) -> dict[str, Any]:
+    """Register uploaded files as the next version of adapter `name` (201 with its record);
+    every validation failure is a 422 with the registry's message and registers nothing.
+    With `alias`, that alias then points at the new version."""
+    actor = require_admin(request)
+    server = server_of(request)
+    record = await asyncio.to_thread(
+        register_upload,
+        server.registry,
+        name,
+        body.files,
+        max_bytes=server.config.max_adapter_bytes,
+        actor=actor,
+        reason=body.reason,
+    )
+    if body.alias is not None:
+        await asyncio.to_thread(
+            server.registry.set_alias,
+            name,
+            body.alias,
+            record.version,
+            actor=actor,
+            reason=body.reason or "registered over the admin API",
+        )
+        await _apply(server)
+        record = server.registry.get_version(name, record.version)
+    return record.to_dict()
 
 
 @app.get("/admin/drift")

@@ -41,6 +41,19 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="admin API key (default $LORAFLEET_API_KEY; admin is off without one)",
     )
     p.add_argument(
+        "--inference-key",
+        default=os.environ.get("LORAFLEET_INFERENCE_KEY"),
+        help="require Authorization: Bearer KEY on /v1/* (default $LORAFLEET_INFERENCE_KEY; "
+        "open without one); /metrics, /readyz and /livez stay open",
+    )
+    p.add_argument(
+        "--max-adapter-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="largest adapter (decoded files) POST /admin/adapters/NAME accepts "
+        "(default 268435456); the body is also bounded by --max-body-bytes",
+    )
+    p.add_argument(
         "--pin",
         action="append",
         default=[],
@@ -172,6 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_len=args.max_len,
             max_tokens_limit=args.max_tokens_limit,
             api_key=args.api_key,
+            inference_key=args.inference_key,
+            max_adapter_bytes=args.max_adapter_bytes,
             pinned=args.pin,
             drift=not args.no_drift,
             drift_window=args.drift_window,

@@ -39,6 +39,10 @@ class ServeConfig(BaseModel):
     """Largest max_tokens a request may ask for."""
     api_key: str | None = None
     """Key of the admin API (Authorization: Bearer KEY); admin is off without one."""
+    inference_key: str | None = None
+    """Key of /v1/* (Authorization: Bearer KEY) when set; /metrics, /readyz, /livez stay open."""
+    max_adapter_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Largest adapter (decoded files, bytes) accepted by POST /admin/adapters/NAME."""
     pinned: list[str] = []
     """Adapters whose production and canary versions stay resident."""
     poll_interval_s: float = Field(0.25, gt=0, le=60)

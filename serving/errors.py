@@ -31,3 +31,7 @@ class Unauthorized(LorafleetError):
 
 class AdminCallFailed(LorafleetError):
     """A CLI call to a running server's admin API failed: unreachable, 401, unknown model."""
+
+
+class AdapterTooLarge(LorafleetError):
+    """An uploaded adapter decodes to more bytes than the server accepts: 413."""

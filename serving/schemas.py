@@ -115,3 +115,15 @@ class CanaryRequest(BaseModel):
     model_config = Strict
     adapter: str
     reason: str = Field("", max_length=1000)
+
+
+class RegisterRequest(BaseModel):
+    """POST /admin/adapters/NAME: the adapter's files, each base64-encoded, by file name."""
+
+    model_config = Strict
+    files: dict[str, str]
+    """File name -> standard base64 of its bytes (adapter_config.json,
+    adapter_model.safetensors, optionally lorafleet.json)."""
+    alias: str | None = None
+    """Point this alias (e.g. production) at the new version once it is registered."""
+    reason: str = Field("", max_length=1000)

@@ -139,7 +139,9 @@ def build_random_adapter(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch.float32, use_safetensors=True
+    )
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))
     generator = torch.Generator().manual_seed(seed)
     model = get_peft_model(base, config)

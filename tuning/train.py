@@ -120,7 +120,7 @@ def build_model(config: TuneConfig, base: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if config.training.dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, use_safetensors=True)
     method = config.method
     lora = LoraConfig(
         r=method.r,

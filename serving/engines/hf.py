@@ -113,7 +113,9 @@ class HFEngine:
     def _load(self, base_dir: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=self.dtype).eval()  # type: ignore[no-untyped-call]
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), dtype=self.dtype, use_safetensors=True
+        ).eval()  # type: ignore[no-untyped-call]
         config = model.config
         if config.model_type not in SUPPORTED:
             raise NotServable(

@@ -72,6 +72,7 @@ class VLLMEngine:
         args = AsyncEngineArgs(
             model=str(base_dir),
             tokenizer=str(base_dir),
+            load_format="safetensors",  # never a pickled checkpoint
             enable_lora=True,
             max_loras=adapter_slots,
             max_cpu_loras=adapter_slots,
