@@ -70,6 +70,7 @@ class RequestLog:
 
     def __init__(self, home: Path, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(home) / LOG_FILE
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -96,7 +97,10 @@ class RequestLog:
             except sqlite3.OperationalError as err:
                 if getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY_CODES:
                     raise RegistryBusy(
-                        f"request log {self.path} stayed locked by another process; retry"
+                        f"request log {self.path} stayed locked by another process for more "
+                        f"than {self.busy_timeout_s:g} s; nothing was written. Retry, find the "
+                        f"process holding it (fuser {self.path}), or wait longer with "
+                        "LORAFLEET_BUSY_TIMEOUT_S=SECONDS"
                     ) from err
                 raise
             return int(changed)
