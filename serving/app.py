@@ -292,18 +292,10 @@ async def register_adapter(name: str, body: RegisterRequest, request: Request) -
         max_bytes=server.config.max_adapter_bytes,
         actor=actor,
         reason=body.reason,
+        alias=body.alias,
     )
     if body.alias is not None:
-        await asyncio.to_thread(
-            server.registry.set_alias,
-            name,
-            body.alias,
-            record.version,
-            actor=actor,
-            reason=body.reason or "registered over the admin API",
-        )
         await _apply(server)
-        record = server.registry.get_version(name, record.version)
     return record.to_dict()
 
 

@@ -86,12 +86,18 @@ def register_upload(
     max_bytes: int,
     actor: str,
     reason: str,
+    alias: str | None = None,
 ) -> VersionRecord:
-    """Decode, validate and register the files as the next version of `adapter`."""
-    check_name(adapter)  # before anything is decoded
+    """Decode, validate and register the files as the next version of `adapter`, then point
+    `alias` at it; names are checked before anything is decoded or registered."""
+    check_name(adapter)
+    if alias is not None:
+        check_name(alias, "alias")
+    reason = reason or "uploaded over the admin API"
     with unpacked(files, max_bytes) as directory:
-        record = registry.register(
-            adapter, directory, actor=actor, reason=reason or "uploaded over the admin API"
-        )
+        record = registry.register(adapter, directory, actor=actor, reason=reason)
     logger.info("registered %s from an upload by %s", record.ref, actor)
-    return record
+    if alias is None:
+        return record
+    registry.set_alias(adapter, alias, record.version, actor=actor, reason=reason)
+    return registry.get_version(adapter, record.version)

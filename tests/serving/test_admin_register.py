@@ -184,6 +184,17 @@ def test_adapter_names_with_a_slash_match_no_route(
     assert_refused(service, name, files, 404, "Not Found")
 
 
+def test_invalid_alias_is_refused_before_registering(
+    service: Service, tiny_base: Path, adapter_factory: Callable[..., Path]
+) -> None:
+    before = state(service)
+    files = encode(adapter_factory(tiny_base, seed=74))
+    response = upload(service, "aliased", files, alias="../production")
+    assert response.status_code == 400, response.text
+    assert "invalid alias '../production'" in response.json()["error"]["message"]
+    assert state(service) == before
+
+
 def test_oversized_and_undecodable_uploads_are_refused(
     service: Service, tiny_base: Path, adapter_factory: Callable[..., Path]
 ) -> None:
