@@ -58,7 +58,7 @@ def parse_model_ref(text: str) -> ModelRef:
         return ModelRef(adapter=None)
     if "@" in text:
         name, _, version = text.partition("@")
-        if not version.isdigit() or int(version) < 1:
+        if not (version.isascii() and version.isdigit()) or int(version) < 1:  # not '¹'
             raise InvalidName(f"invalid model {text!r}: version must be an integer >= 1; {grammar}")
         return ModelRef(adapter=check_name(name), version=int(version))
     name, sep, alias = text.partition(":")

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from registry.errors import (
     AliasConflict,
@@ -36,6 +37,7 @@ from serving.errors import (
     Overloaded,
     Unauthorized,
 )
+from serving.limits import RequestLimits
 from serving.schemas import (
     AlertmanagerPayload,
     CanaryRequest,
@@ -70,6 +72,7 @@ STATUS: list[tuple[type[LorafleetError], int]] = [
 ]
 
 app = FastAPI(title="lorafleet", description="One base model, many LoRA adapters.")
+app.add_middleware(RequestLimits)  # body size and requests in flight (serving/limits.py)
 
 
 def _keys() -> Keys:
@@ -87,10 +90,64 @@ def server_of(request: Request) -> Server:
     return server
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
+def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None
-    body = {"error": {"message": message, "type": kind, "code": status}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+    """422 naming each offending field (`messages[0].content: ...`) and its bound."""
+    problems = list(err.errors())
+    content_type = request.headers.get("content-type", "")
+    described = [_problem(p, content_type) for p in problems[:10]]
+    messages = [text for _, text in described]
+    if len(problems) > 10:
+        messages.append(f"and {len(problems) - 10} more problems")
+    param = described[0][0] if described else None
+    return error_response(422, "; ".join(messages), "invalid_request_error", param)
+
+
+def _field(loc: Any) -> str:
+    """`messages[0].content` for the loc ("body", "messages", 0, "content")."""
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] == "body":
+        parts = parts[1:]
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f"{'.' if path else ''}{part}"
+    return path or "body"
+
+
+def _problem(problem: Any, content_type: str) -> tuple[str, str]:
+    """(the field, a message naming it) of one pydantic/FastAPI validation problem."""
+    loc = tuple(problem.get("loc", ()))
+    if problem.get("type") == "json_invalid":
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        reason = (problem.get("ctx") or {}).get("error", "")
+        return "body", f"body: invalid JSON{at}: {reason}; send one JSON object"
+    field = _field(loc)
+    text = f"{field}: {problem.get('msg', 'invalid')}"
+    if loc == ("body",) and "json" not in content_type:
+        text += f"; send a JSON object with Content-Type: application/json, not {content_type!r}"
+    return field, text
+
+
+@app.exception_handler(HTTPException)
+async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (unknown route, wrong method, unparsable body) in the same
+    error shape, naming the route or what was wrong with the body."""
+    cause = err.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"body: not valid UTF-8 at byte {cause.start}; send JSON encoded as UTF-8"
+    elif isinstance(cause, RecursionError):
+        message = "body: JSON nested too deeply to parse; send a flatter JSON object"
+    else:
+        message = f"{err.detail}: {request.method} {request.url.path}"
+    response = error_response(err.status_code, message, "invalid_request_error")
+    response.headers.update(err.headers or {})
+    return response
 
 
 @app.exception_handler(LorafleetError)
@@ -141,8 +198,7 @@ async def _respond(request: Request, body: SamplingFields, prompt: str, *, chat:
     )
     headers = {VERSION_HEADER: generation.served}
     if body.stream:
-        stream = _sse(server, generation, chat=chat)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        return GenerationStream(server, generation, chat=chat, headers=headers)
     text = "".join([d async for d in server.deltas(generation)])
     finish = generation.finish_reason
     if chat:
@@ -172,6 +228,24 @@ def _usage(generation: Generation) -> dict[str, int]:
         "completion_tokens": generation.completion_tokens,
         "total_tokens": generation.prompt_tokens + generation.completion_tokens,
     }
+
+
+class GenerationStream(StreamingResponse):
+    """Server-sent events of one generation. A client that leaves before the first event
+    never starts the event generator, so the request is freed here too (Server.abandon)."""
+
+    def __init__(
+        self, server: Server, generation: Generation, *, chat: bool, headers: dict[str, str]
+    ) -> None:
+        stream = _sse(server, generation, chat=chat)
+        super().__init__(stream, media_type="text/event-stream", headers=headers)
+        self.server, self.generation = server, generation
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.server.abandon(self.generation)
 
 
 async def _sse(server: Server, generation: Generation, *, chat: bool) -> AsyncIterator[str]:

@@ -36,6 +36,18 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--max-len", type=int, default=1024, help="prompt + completion tokens")
     p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens")
     p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body in bytes; larger gets 413 (default 4194304)",
+    )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=512,
+        help="requests to /v1/ in flight at once, streams included; more get 503 (default 512)",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get("LORAFLEET_API_KEY"),
         help="admin API key (default $LORAFLEET_API_KEY; admin is off without one)",
@@ -184,6 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             max_len=args.max_len,
             max_tokens_limit=args.max_tokens_limit,
+            max_body_bytes=args.max_body_bytes,
+            max_concurrent_requests=args.max_concurrent_requests,
             api_key=args.api_key,
             inference_key=args.inference_key,
             max_adapter_bytes=args.max_adapter_bytes,

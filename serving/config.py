@@ -37,6 +37,11 @@ class ServeConfig(BaseModel):
     """Requests waiting for a batch row before 503."""
     max_tokens_limit: int = Field(512, ge=1)
     """Largest max_tokens a request may ask for."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest request body in bytes; a larger one gets 413."""
+    max_concurrent_requests: int = Field(512, ge=1, le=1024)
+    """Requests to /v1/ in flight at once (streams included); more get 503 with Retry-After.
+    At most BentoML's traffic.max_concurrency (1024), which would answer 429 first."""
     api_key: str | None = None
     """Key of the admin API (Authorization: Bearer KEY); admin is off without one."""
     inference_key: str | None = None

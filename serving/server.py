@@ -67,6 +67,7 @@ class Generation:
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # until drift records it
     model: str = ""  # the request's model field
     chat: bool = False
+    consumed: bool = False  # deltas() began; it frees the request when it ends
 
     @property
     def response_id(self) -> str:
@@ -312,6 +313,7 @@ class Server:
         # Incremental detokenization: decode only the tokens since the last emitted text,
         # starting from the token before them, so each step costs O(1) tokens, not O(n).
         prefix, read = 0, 0
+        generation.consumed = True
         try:
             while True:
                 event = await generation.queue.get()
@@ -361,6 +363,18 @@ class Server:
             generation.prompt_ids = []  # recent responses keep no token ids
             self._finished(generation, time.perf_counter() - started)
             self._remember(generation)
+
+    def abandon(self, generation: Generation) -> None:
+        """Free an admitted request whose output no one began to read (its client went away
+        before the response started): cancel it in the engine, count it as cancelled."""
+        if generation.consumed:
+            return  # deltas() frees it
+        generation.consumed = True
+        generation.finish_reason = "cancelled"
+        self.engine.cancel(generation.id)
+        self._in_flight -= 1
+        QUEUE_DEPTH.set(self._in_flight)
+        REQUESTS.labels(*generation.labels, "cancelled").inc()
 
     def _finished(self, generation: Generation, seconds: float) -> None:
         """Canary statistics and the request log of an adapter request that ended."""

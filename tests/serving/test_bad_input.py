@@ -1,0 +1,216 @@
+"""Bad input over real HTTP (`lorafleet serve`, hf engine, tiny base): every case gets a
+4xx naming the field and its bound, never a 5xx; clients that leave free their request;
+the body size and concurrency limits answer 413 and 503 before any route runs."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from registry import Registry
+from serving.schemas import MAX_PROMPT_CHARS
+
+Service = Any  # the running server of conftest's `serve` fixture
+
+MAX_CONCURRENT = 4
+MAX_BODY = 4 * 1024 * 1024  # the default of --max-body-bytes
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve: Callable[..., AbstractContextManager[Service]],
+) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("bad-input") / "home"
+    registry = Registry.create(home, tiny_base)
+    adapters = {"alpha@1": adapter_factory(tiny_base, rank=4, seed=21)}
+    registry.register("alpha", adapters["alpha@1"])
+    registry.promote("alpha", 1)
+    registry.close()
+    options = ("--max-len", "1024", "--max-tokens-limit", "512", "--no-canary-verdicts")
+    limits = ("--max-concurrent-requests", str(MAX_CONCURRENT))
+    with serve(home, tiny_base, adapters, *options, *limits) as running:
+        yield running
+
+
+def post(service: Service, body: bytes, content_type: str = "application/json") -> httpx.Response:
+    return service.http.post(
+        "/v1/completions", content=body, headers={"content-type": content_type}
+    )
+
+
+def refused(response: httpx.Response, status: int, param: str | None, *fragments: str) -> str:
+    """The error message, after checking the status, the error shape and the fragments."""
+    assert response.status_code == status, response.text[:500]
+    error = response.json()["error"]
+    assert error["code"] == status and error["param"] == param, error
+    for fragment in fragments:
+        assert fragment in error["message"], (fragment, error["message"][:500])
+    return str(error["message"])
+
+
+def metric(service: Service, name: str, **labels: str) -> float:
+    """Sum of the samples of one metric whose labels include `labels`."""
+    total = 0.0
+    for line in service.http.get("/metrics").text.splitlines():
+        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_a_1mb_prompt_is_refused_naming_the_field_and_its_limit(service: Service) -> None:
+    body = {"model": "alpha", "prompt": "a" * 1_000_000}
+    response = service.http.post("/v1/completions", json=body)
+    refused(response, 422, "prompt", f"prompt: String should have at most {MAX_PROMPT_CHARS}")
+    # Within MAX_PROMPT_CHARS but over max_len tokens: 400 naming max_len.
+    body["prompt"] = "word " * 2000
+    refused(service.http.post("/v1/completions", json=body), 400, None, "exceeds max_len 1024")
+
+
+def test_out_of_range_sampling_fields_name_field_and_bound(service: Service) -> None:
+    cases = [
+        ({"max_tokens": 513}, 400, None, "max_tokens 513 > 512, the limit of this server"),
+        ({"max_tokens": 0}, 422, "max_tokens", "greater than or equal to 1"),
+        ({"temperature": -0.5}, 422, "temperature", "greater than or equal to 0"),
+        ({"temperature": 2.5}, 422, "temperature", "less than or equal to 2"),
+        ({"seed": 2**64}, 422, "seed", "less than or equal to 9223372036854775807"),
+        ({"seed": -1}, 422, "seed", "greater than or equal to 0"),
+        ({"colour": "red"}, 422, "colour", "colour: Extra inputs are not permitted"),
+        ({"model": "alpha@¹"}, 400, None, "version must be an integer >= 1"),
+        ({"model": "@¹"}, 400, None, "version must be an integer >= 1"),
+    ]
+    for extra, status, param, fragment in cases:
+        body = {"model": "alpha", "prompt": "x", **extra}
+        refused(service.http.post("/v1/completions", json=body), status, param, fragment)
+
+
+def test_nan_and_infinity_in_raw_json_are_refused(service: Service) -> None:
+    for field, value in (("temperature", b"NaN"), ("top_p", b"NaN"), ("temperature", b"Infinity")):
+        body = b'{"model": "alpha", "prompt": "x", "%s": %s}' % (field.encode(), value)
+        refused(post(service, body), 422, field, f"{field}: Input should be a finite number")
+
+
+def test_invalid_utf8_and_deep_nesting_are_4xx_naming_the_body(service: Service) -> None:
+    invalid = b'{"model": "alpha", "prompt": "caf\xe9"}'
+    refused(post(service, invalid), 400, None, "body: not valid UTF-8 at byte 33")
+    deep = b"[" * 10_000 + b"]" * 10_000
+    refused(post(service, deep), 400, None, "body: JSON nested too deeply")
+    inside = b'{"model": "alpha", "prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    refused(post(service, inside), 400, None, "nested too deeply")
+    refused(post(service, b'{"model": '), 422, "body", "body: invalid JSON at character 10")
+    assert service.served("alpha")[0] == "alpha@1"  # and the server goes on serving
+
+
+def test_empty_messages_and_empty_prompt(service: Service) -> None:
+    chat = service.http.post("/v1/chat/completions", json={"model": "alpha", "messages": []})
+    refused(chat, 422, "messages", "messages: List should have at least 1 item")
+    bad_role = {"model": "alpha", "messages": [{"role": "robot", "content": "hi"}]}
+    refused(
+        service.http.post("/v1/chat/completions", json=bad_role), 422, "messages[0].role", "'user'"
+    )
+    missing = service.http.post("/v1/completions", json={"model": "alpha"})
+    refused(missing, 422, "prompt", "prompt: Field required")
+    empty = service.http.post("/v1/completions", json={"model": "alpha", "prompt": ""})
+    refused(empty, 400, None, "prompt is empty after tokenization")
+
+
+def test_wrong_content_type_names_the_expected_one(service: Service) -> None:
+    body = b'{"model": "alpha", "prompt": "x"}'
+    refused(post(service, body, "text/plain"), 422, "body", "Content-Type: application/json")
+    refused(post(service, b"model=alpha", "application/x-www-form-urlencoded"), 422, "body")
+    refused(service.http.get("/v1/completions"), 405, None, "GET /v1/completions")
+    assert service.http.get("/v1/nothing").status_code == 404  # BentoML's own, outside the API
+
+
+def raw_request(service: Service, head: str, body: bytes = b"") -> socket.socket:
+    """A connected socket that has sent `head` (request line and headers) and `body`."""
+    port = int(service.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+    return sock
+
+
+def stream_head(length: int) -> str:
+    return (
+        "POST /v1/completions HTTP/1.1\nHost: test\nContent-Type: application/json\n"
+        f"Content-Length: {length}\n"
+    )
+
+
+def test_clients_that_leave_mid_stream_free_their_request(service: Service) -> None:
+    before = metric(service, "lorafleet_requests_total", adapter="alpha")
+    body = {"model": "alpha", "prompt": "The customer sends", "max_tokens": 512, "stream": True}
+    body |= {"temperature": 1.0, "seed": 7}
+    for _ in range(3):  # leave after the first event
+        with service.http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            first = next(response.iter_lines())
+            assert first.startswith("data: {")
+    raw = httpx.Request("POST", "/v1/completions", json=body)
+    for _ in range(5):  # leave right after sending, before reading anything
+        sock = raw_request(service, stream_head(len(raw.content)), raw.content)
+        sock.close()
+    # Every request ends (cancelled, or finished before the disconnect was seen) and
+    # leaves nothing in flight; the server goes on serving.
+    wait_for(lambda: metric(service, "lorafleet_requests_total", adapter="alpha") == before + 8)
+    wait_for(lambda: metric(service, "lorafleet_queue_depth") == 0)
+    assert service.served("alpha")[0] == "alpha@1"
+
+
+def test_a_body_over_the_limit_gets_413_naming_limit_and_flag(service: Service) -> None:
+    too_big = b"x" * (MAX_BODY + 1)
+    message = refused(post(service, too_big), 413, None, f"of {MAX_BODY + 1} bytes exceeds")
+    assert f"{MAX_BODY} bytes" in message and "--max-body-bytes" in message
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while it arrives
+        for _ in range(5):
+            yield b"x" * (1024 * 1024)
+
+    chunked = service.http.post("/v1/completions", content=chunks())
+    refused(chunked, 413, None, f"over {MAX_BODY} bytes", "--max-body-bytes")
+    # Refused from the header alone: the server answers before any of the body is sent.
+    sock = raw_request(service, stream_head(50 * 1024 * 1024))
+    with sock:
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+    # A body just within the limit is read and judged on its content.
+    within = b'{"model": "alpha", "prompt": "' + b"a" * (MAX_BODY - 100) + b'"}'
+    refused(post(service, within), 422, "prompt", str(MAX_PROMPT_CHARS))
+
+
+def test_requests_over_the_concurrency_limit_get_503_until_one_ends(service: Service) -> None:
+    def probe() -> httpx.Response:  # cheap: no engine work
+        return service.http.get("/v1/models")
+
+    with ExitStack() as held:
+        # Clients that send a part of their body hold a request in flight as long as they wait.
+        for _ in range(MAX_CONCURRENT):
+            held.enter_context(raw_request(service, stream_head(1000), b'{"model": '))
+        wait_for(lambda: probe().status_code == 503)
+        response = service.http.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+        message = refused(response, 503, None, f"{MAX_CONCURRENT} requests are in flight")
+        assert "--max-concurrent-requests" in message
+        assert response.headers["Retry-After"] == "1"
+        # Admin calls and probes are not counted against the limit.
+        assert service.admin("/admin/residency").status_code == 200
+        assert service.http.get("/metrics").status_code == 200
+    wait_for(lambda: probe().status_code == 200)
+    assert service.served("alpha")[0] == "alpha@1"

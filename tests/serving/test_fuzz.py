@@ -1,0 +1,111 @@
+"""Generated requests (schemathesis, from the running server's OpenAPI schema) against every
+route, valid and invalid, with and without the admin key: no 5xx, and every 4xx says what
+was wrong, naming the field of a 422."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.generation import GenerationMode
+
+from registry import Registry
+
+Service = Any  # the running server of conftest's `serve` fixture
+
+EXAMPLES = 15  # per route, mode and key: 15 routes x 2 x 2 x 15, less where fewer exist
+MIN_REQUESTS = 500
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve: Callable[..., AbstractContextManager[Service]],
+) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("fuzz") / "home"
+    registry = Registry.create(home, tiny_base)
+    adapters = {"alpha@1": adapter_factory(tiny_base, rank=4, seed=21)}
+    registry.register("alpha", adapters["alpha@1"])
+    registry.promote("alpha", 1)
+    registry.close()
+    options = ("--max-len", "128", "--max-tokens-limit", "16", "--no-canary-verdicts")
+    with serve(home, tiny_base, adapters, *options) as running:
+        yield running
+
+
+def check_response(case: Any, response: Any, fields: set[str]) -> None:
+    """No 5xx; a 4xx has the error shape with a message, and a 422 of request validation
+    names its field (other 422s, e.g. an adapter refused by the registry, name the problem)."""
+    where = f"{case.method} {case.path} {case.query or ''} {str(case.body)[:300]!r}"
+    assert response.status_code < 500, (where, response.status_code, response.text[:500])
+    if response.status_code < 400:
+        return
+    error = response.json()["error"]
+    assert error["message"] and error["code"] == response.status_code, (where, error)
+    if error["type"] == "invalid_request_error" and response.status_code == 422:
+        param = error["param"]
+        assert param and param in error["message"], (where, error)
+        top = re.split(r"[.\[]", param)[0]
+        sent = set(case.body) if isinstance(case.body, dict) else set()
+        assert top in sent | set(case.query or {}) | fields | {"body"}, (where, error)
+
+
+def schema_fields(raw: dict[str, Any]) -> set[str]:
+    """Every body field and query parameter the schema defines."""
+    fields = {p for s in raw["components"]["schemas"].values() for p in s.get("properties", {})}
+    for route in raw["paths"].values():
+        for operation in route.values():
+            fields |= {p["name"] for p in operation.get("parameters", [])}
+    return fields
+
+
+def fuzz(operation: Any, mode: GenerationMode, headers: dict[str, str], url: str) -> Counter[int]:
+    """EXAMPLES derandomized cases of one route: status counts after checking each."""
+    statuses: Counter[int] = Counter()
+    fields = schema_fields(operation.schema.raw_schema)
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(case: Any) -> None:
+        response = case.call(base_url=url, headers=headers, timeout=60)
+        statuses[response.status_code] += 1
+        check_response(case, response, fields)
+
+    try:
+        run()
+    except Unsatisfiable:  # a route without parameters or body has no invalid form
+        assert mode is GenerationMode.NEGATIVE and not statuses
+    return statuses
+
+
+def test_generated_requests_get_no_5xx_and_4xx_name_the_field(service: Service) -> None:
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    paths = {op.path for op in operations}
+    assert {"/v1/completions", "/v1/chat/completions", "/admin/promote"} <= paths
+    statuses: Counter[int] = Counter()
+    admin = {"Authorization": f"Bearer {service.admin_key}"}
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            for headers in (admin, {}):
+                statuses += fuzz(operation, mode, headers, service.url)
+    total = sum(statuses.values())
+    print(f"{total} generated requests over {len(operations)} routes: {dict(statuses)}")
+    assert total >= MIN_REQUESTS, statuses
+    assert statuses[422] > 0 and statuses[401] > 0 and statuses[200] > 0, statuses
