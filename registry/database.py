@@ -192,6 +192,8 @@ class Database:
         self.path = path
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.RLock()
+        self._reader: sqlite3.Connection | None = None  # reads while another thread writes
+        self._reader_lock = threading.Lock()
         self._conn = sqlite3.connect(
             path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
@@ -204,8 +206,10 @@ class Database:
         self._migrate()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._reader_lock:
             self._conn.close()
+            if self._reader is not None:
+                self._reader.close()
 
     def _columns(self, table: str) -> set[str]:
         return {str(r["name"]) for r in self._conn.execute(f"PRAGMA table_info({table})")}
@@ -237,8 +241,25 @@ class Database:
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         """Run a read-only statement and return all rows."""
-        with self._lock, self._busy_errors("a read"):
-            return self._conn.execute(sql, params).fetchall()
+        if self._lock.acquire(blocking=False):  # free, or held by this thread's transaction
+            try:
+                with self._busy_errors("a read"):
+                    return self._conn.execute(sql, params).fetchall()
+            finally:
+                self._lock.release()
+        # Another thread holds the connection, maybe for a write waiting out another
+        # process's lock: read beside it (in WAL mode a writer never blocks readers), so the
+        # server's poller and first loads of versions do not wait for that write.
+        with self._reader_lock, self._busy_errors("a read"):
+            if self._reader is None:
+                self._reader = sqlite3.connect(
+                    self.path,
+                    timeout=self.busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._reader.row_factory = sqlite3.Row
+            return self._reader.execute(sql, params).fetchall()
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
