@@ -5,10 +5,11 @@ the body size and concurrency limits answer 413 and 503 before any route runs.""
 from __future__ import annotations
 
 import re
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,12 @@ def service(
     registry.close()
     options = ("--max-len", "1024", "--max-tokens-limit", "512", "--no-canary-verdicts")
     limits = ("--max-concurrent-requests", str(MAX_CONCURRENT))
-    with serve(home, tiny_base, adapters, *options, *limits) as running:
-        yield running
+    # Its own BENTOML_HOME: BentoML keeps the metrics of every server in one directory
+    # below it, and this module reads /metrics while other servers may be running.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("BENTOML_HOME", str(home.parent / "bentoml"))
+        with serve(home, tiny_base, adapters, *options, *limits) as running:
+            yield running
 
 
 def post(service: Service, body: bytes, content_type: str = "application/json") -> httpx.Response:
@@ -197,20 +202,35 @@ def test_a_body_over_the_limit_gets_413_naming_limit_and_flag(service: Service) 
 
 
 def test_requests_over_the_concurrency_limit_get_503_until_one_ends(service: Service) -> None:
-    def probe() -> httpx.Response:  # cheap: no engine work
-        return service.http.get("/v1/models")
+    def probe() -> int:  # cheap, and a JSON answer leaves nothing in flight once it is read
+        return int(service.http.get("/v1/models").status_code)
 
-    with ExitStack() as held:
-        # Clients that send a part of their body hold a request in flight as long as they wait.
-        for _ in range(MAX_CONCURRENT):
-            held.enter_context(raw_request(service, stream_head(1000), b'{"model": '))
-        wait_for(lambda: probe().status_code == 503)
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        """MAX_CONCURRENT requests in flight: clients that sent a part of their body. One
+        that arrived while a probe was in flight was refused (503): replace it."""
+        for sock in [s for s in held if select.select([s], [], [], 0)[0]]:
+            held.remove(sock)
+            sock.close()
+        while len(held) < MAX_CONCURRENT:
+            held.append(raw_request(service, stream_head(1000), b'{"model": '))
+
+    try:
+        wait_for(lambda: hold() is None and probe() == 503)
         response = service.http.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
         message = refused(response, 503, None, f"{MAX_CONCURRENT} requests are in flight")
         assert "--max-concurrent-requests" in message
         assert response.headers["Retry-After"] == "1"
+        assert not any(select.select([s], [], [], 0)[0] for s in held)  # all still held
         # Admin calls and probes are not counted against the limit.
         assert service.admin("/admin/residency").status_code == 200
         assert service.http.get("/metrics").status_code == 200
-    wait_for(lambda: probe().status_code == 200)
+        held.pop().close()  # one client gives up: its request ends and frees its place
+        wait_for(lambda: probe() == 200)
+        assert service.served("alpha")[0] == "alpha@1"  # with the other clients still held
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: probe() == 200)
     assert service.served("alpha")[0] == "alpha@1"
