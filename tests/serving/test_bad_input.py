@@ -4,6 +4,7 @@ the body size and concurrency limits answer 413 and 503 before any route runs.""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import select
 import socket
@@ -234,3 +235,37 @@ def test_requests_over_the_concurrency_limit_get_503_until_one_ends(service: Ser
             sock.close()
     wait_for(lambda: probe() == 200)
     assert service.served("alpha")[0] == "alpha@1"
+
+
+def test_a_stream_left_before_its_first_event_is_freed(home: Path, tiny_base: Path) -> None:
+    """The client is gone when the response starts and sending the headers yields, so
+    Starlette's disconnect watcher cancels the response before its event generator ever
+    runs: the request must still be cancelled and leave nothing in flight."""
+    from serving.app import GenerationStream
+    from serving.config import ServeConfig
+    from serving.schemas import CompletionRequest
+    from serving.server import Server
+
+    server = Server(ServeConfig(base=tiny_base, home=home, drift=False, request_log=False))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # as uvicorn's does while the socket's writes are paused
+        sent.append(message)
+
+    async def leave() -> None:
+        body = CompletionRequest(model="base", prompt="The customer sends", max_tokens=64)
+        generation = await server.start(body, body.prompt, chat=False, session=None)
+        assert server._in_flight == 1
+        stream = GenerationStream(server, generation, chat=False, headers={})
+        await stream({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        assert generation.finish_reason == "cancelled" and server._in_flight == 0
+
+    try:
+        asyncio.run(leave())
+        assert not any(m.get("body") for m in sent)  # not one event was produced
+    finally:
+        server.close()
