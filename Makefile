@@ -62,7 +62,7 @@ $(VENV)/.loadtest-installed: $(STAMP)
 # promote and rollback at random points (LORAFLEET_CHAOS_KILLS, default 200) and kill/restart
 # cycles of the server under load (LORAFLEET_CHAOS_RESTARTS, default 10). Figures print at the end.
 chaos: setup
-	$(VENV)/bin/pytest -m chaos -q -s tests/registry/test_crash.py tests/reliability
+	$(VENV)/bin/pytest -m chaos -q -s tests/registry/test_crash.py tests/reliability tests/serving/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

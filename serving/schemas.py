@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_PROMPT_CHARS = 262_144
 MAX_STOP = 4
+MAX_INT64 = 2**63 - 1  # SQLite's and torch's largest integer
 
 Strict = ConfigDict(extra="forbid")
 
@@ -21,7 +22,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_INT64)
     n: Literal[1] = 1
     user: str | None = Field(None, max_length=256)
 
@@ -58,7 +59,7 @@ class FeedbackRequest(BaseModel):
 class PromoteRequest(BaseModel):
     model_config = Strict
     adapter: str
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_INT64)
     alias: str = "production"
     weight: float | None = Field(None, ge=0.0, le=1.0)
     reason: str = Field("", max_length=1000)

@@ -108,6 +108,14 @@ def test_out_of_range_sampling_fields_name_field_and_bound(service: Service) -> 
         refused(service.http.post("/v1/completions", json=body), status, param, fragment)
 
 
+def test_admin_bodies_out_of_range_name_the_field(service: Service) -> None:
+    huge = service.admin("/admin/promote", {"adapter": "alpha", "version": 2**63})
+    refused(
+        huge, 422, "version", "version: Input should be less than or equal to 9223372036854775807"
+    )
+    assert service.served("alpha")[0] == "alpha@1"
+
+
 def test_nan_and_infinity_in_raw_json_are_refused(service: Service) -> None:
     for field, value in (("temperature", b"NaN"), ("top_p", b"NaN"), ("temperature", b"Infinity")):
         body = b'{"model": "alpha", "prompt": "x", "%s": %s}' % (field.encode(), value)
