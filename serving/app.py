@@ -54,6 +54,8 @@ from serving.server import Generation, Server
 from serving.uploads import register_upload
 
 VERSION_HEADER = "X-Lorafleet-Adapter-Version"
+# The registry revision of the alias map that resolved the request's model.
+REVISION_HEADER = "X-Lorafleet-Revision"
 SESSION_HEADER = "X-Session-Id"
 ACTOR_HEADER = "X-Lorafleet-Actor"
 STATUS: list[tuple[type[LorafleetError], int]] = [
@@ -196,7 +198,7 @@ async def _respond(request: Request, body: SamplingFields, prompt: str, *, chat:
     generation = await server.start(
         body, prompt, chat=chat, session=request.headers.get(SESSION_HEADER)
     )
-    headers = {VERSION_HEADER: generation.served}
+    headers = {VERSION_HEADER: generation.served, REVISION_HEADER: str(generation.revision)}
     if body.stream:
         return GenerationStream(server, generation, chat=chat, headers=headers)
     text = "".join([d async for d in server.deltas(generation)])

@@ -83,9 +83,12 @@ class Router:
             ALIAS_INFO.set(labels, 1.0)
         self._exported = current
 
-    def resolve(self, ref: ModelRef, session: str | None = None) -> Target | None:
-        """The version serving `ref` (None: the base model); NotFound naming what exists."""
-        current = self.map
+    def resolve(
+        self, ref: ModelRef, session: str | None = None, at: AliasMap | None = None
+    ) -> Target | None:
+        """The version serving `ref` (None: the base model) in the alias map `at` (default:
+        the current one); NotFound naming what exists."""
+        current = at or self.map
         if ref.adapter is None:
             return None
         states = current.versions.get(ref.adapter)

@@ -68,6 +68,7 @@ class Generation:
     model: str = ""  # the request's model field
     chat: bool = False
     consumed: bool = False  # deltas() began; it frees the request when it ends
+    revision: int = 0  # registry revision of the alias map that resolved it
 
     @property
     def response_id(self) -> str:
@@ -248,14 +249,16 @@ class Server:
                 f"max_tokens {body.max_tokens} > {self.config.max_tokens_limit}, the limit of "
                 "this server; ask for fewer tokens"
             )
-        target = self.router.resolve(parse_model_ref(body.model), session)
+        # One alias map resolves this request; its revision goes back to the client.
+        aliases = self.router.map
+        target = self.router.resolve(parse_model_ref(body.model), session, aliases)
         if target is None:
-            return self._submit(body, prompt, chat, None, stops)
+            return self._submit(body, prompt, chat, None, stops, aliases.revision)
         try:
             with self.residency.held(target.key):
                 if not self.residency.touch(target.key):
                     await asyncio.to_thread(self.residency.ensure, target)  # loading blocks
-                return self._submit(body, prompt, chat, target, stops)
+                return self._submit(body, prompt, chat, target, stops, aliases.revision)
         except LorafleetError as err:
             if not isinstance(err, BadRequest):  # the version failed to serve it
                 self.canary_stats.record(
@@ -264,7 +267,13 @@ class Server:
             raise
 
     def _submit(
-        self, body: SamplingFields, prompt: str, chat: bool, target: Target | None, stops: list[str]
+        self,
+        body: SamplingFields,
+        prompt: str,
+        chat: bool,
+        target: Target | None,
+        stops: list[str],
+        revision: int,
     ) -> Generation:
         ids = self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         if not ids:
@@ -286,6 +295,7 @@ class Server:
             prompt_ids=ids,
             model=body.model,
             chat=chat,
+            revision=revision,
         )
         params = SamplingParams(
             max_new_tokens=body.max_tokens,

@@ -155,6 +155,7 @@ class Service:
 
         self.url, self.home, self.adapters, self.base = url, home, adapters, base
         self.admin_key = ADMIN_KEY
+        self.pid = 0
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         self.http = httpx.Client(base_url=url, timeout=60)
 
@@ -223,7 +224,9 @@ def serve() -> Callable[..., AbstractContextManager[Service]]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not become ready in 180 s")
                 time.sleep(0.5)
-            yield Service(url, home, adapters, base)
+            service = Service(url, home, adapters, base)
+            service.pid = proc.pid  # `lorafleet serve`, which became `bentoml serve`
+            yield service
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

@@ -173,6 +173,10 @@ def test_admin_promote_and_rollback_take_effect_and_are_recorded(service: Servic
     moved = service.admin("/admin/promote", {"adapter": "alpha", "version": 2, "reason": "test"})
     assert moved.status_code == 200, moved.text
     assert service.served("alpha")[0] == "alpha@2"  # effective before the response returned
+    # The response names the revision of the alias map that resolved it: the move's.
+    body = {"model": "alpha", "prompt": "Add: 3 + 4 =", "max_tokens": 1, "temperature": 0}
+    answer = service.http.post("/v1/completions", json=body)
+    assert answer.headers["X-Lorafleet-Revision"] == str(moved.json()["revision"])
     assert (
         service.admin("/admin/rollback", {"adapter": "alpha", "reason": "back"}).status_code == 200
     )
