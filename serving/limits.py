@@ -18,6 +18,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BOUNDED_PREFIX = "/v1/"  # admin calls and probes stay answerable under inference load
+UPLOAD_PREFIX = "/admin/adapters/"  # adapter files, base64 in JSON: bounded by their own limit
 
 
 class RequestLimits:
@@ -33,10 +34,8 @@ class RequestLimits:
         if scope["type"] != "http" or server is None:
             await self.app(scope, receive, send)
             return
-        max_body, max_concurrent = (
-            server.config.max_body_bytes,
-            server.config.max_concurrent_requests,
-        )
+        max_concurrent = server.config.max_concurrent_requests
+        max_body, flag = body_limit(str(scope["path"]), server.config)
         bounded = str(scope["path"]).startswith(BOUNDED_PREFIX)
         if bounded and self.in_flight >= max_concurrent:
             message = (
@@ -47,7 +46,7 @@ class RequestLimits:
             return
         self.in_flight += bounded
         try:
-            body = await read_body(scope, receive, max_body)
+            body = await read_body(scope, receive, max_body, flag)
             if isinstance(body, str):
                 await refuse(send, 413, body, "RequestTooLarge")
                 return
@@ -56,13 +55,21 @@ class RequestLimits:
             self.in_flight -= bounded
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | str:
+def body_limit(path: str, config: Any) -> tuple[int, str]:
+    """(largest body in bytes, the option that sets it) of a request to `path`: an adapter
+    upload may carry --max-adapter-bytes of files, base64-encoded (4/3) in JSON."""
+    if path.startswith(UPLOAD_PREFIX):
+        return config.max_adapter_bytes * 4 // 3 + 1024 * 1024, "--max-adapter-bytes"
+    return config.max_body_bytes, "--max-body-bytes"
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, flag: str) -> bytes | str:
     """The whole body, or the message of a 413 as soon as it is known to exceed `limit`:
     from Content-Length before reading anything, else after `limit` + 1 bytes."""
     headers = dict(scope.get("headers") or [])
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return too_large(f"of {int(declared)} bytes", limit)
+        return too_large(f"of {int(declared)} bytes", limit, flag)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -72,17 +79,17 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | str:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return too_large(f"over {limit} bytes", limit)
+            return too_large(f"over {limit} bytes", limit, flag)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
 
 
-def too_large(size: str, limit: int) -> str:
+def too_large(size: str, limit: int, flag: str) -> str:
     return (
         f"request body {size} exceeds {limit} bytes, the limit of this server; send a "
-        "smaller body or start the server with a larger --max-body-bytes"
+        f"smaller body or start the server with a larger {flag}"
     )
 
 

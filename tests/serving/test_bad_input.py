@@ -5,6 +5,7 @@ the body size and concurrency limits answer 413 and 503 before any route runs.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import select
 import socket
@@ -208,6 +209,15 @@ def test_a_body_over_the_limit_gets_413_naming_limit_and_flag(service: Service) 
     # A body just within the limit is read and judged on its content.
     within = b'{"model": "alpha", "prompt": "' + b"a" * (MAX_BODY - 100) + b'"}'
     refused(post(service, within), 422, "prompt", str(MAX_PROMPT_CHARS))
+
+
+def test_an_adapter_upload_is_bounded_by_the_adapter_limit_not_the_body_limit(
+    service: Service,
+) -> None:
+    files = {"adapter_config.json": base64.b64encode(b"{" * (MAX_BODY + 1)).decode()}
+    upload = service.admin("/admin/adapters/big", {"files": files})
+    assert upload.status_code == 422, upload.text[:500]  # judged as an adapter: invalid config
+    assert "--max-body-bytes" not in upload.text
 
 
 def test_requests_over_the_concurrency_limit_get_503_until_one_ends(service: Service) -> None:
