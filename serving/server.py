@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ from serving.schemas import SamplingFields
 
 logger = logging.getLogger(__name__)
 RECENT_RESPONSES = 10_000
+# Requests that may wait for an adapter to load at once (each waits on a thread).
+LOADER_THREADS = 64
 
 
 @dataclass
@@ -148,6 +151,9 @@ class Server:
         self._stop = threading.Event()
         self._in_flight = 0
         self._relays: dict[asyncio.AbstractEventLoop, Relay] = {}
+        self._loaders = ThreadPoolExecutor(
+            max_workers=LOADER_THREADS, thread_name_prefix="adapter-load"
+        )
         self._preload_pinned(self.router.map)
         self._poller = threading.Thread(target=self._poll, name="registry-poller", daemon=True)
         self._poller.start()
@@ -169,6 +175,7 @@ class Server:
         if self.request_log is not None:
             self.request_log.close()  # writes what is pending
         self.drift.close()
+        self._loaders.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
         self.registry.close()
 
@@ -257,7 +264,10 @@ class Server:
         try:
             with self.residency.held(target.key):
                 if not self.residency.touch(target.key):
-                    await asyncio.to_thread(self.residency.ensure, target)  # loading blocks
+                    # Loading blocks, waiting for a slot as long as SLOT_WAIT_S: on threads
+                    # of its own, so waiting misses never fill the loop's default executor.
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(self._loaders, self.residency.ensure, target)
                 return self._submit(body, prompt, chat, target, stops, aliases.revision)
         except LorafleetError as err:
             if not isinstance(err, BadRequest):  # the version failed to serve it

@@ -3,8 +3,11 @@ engine slots than adapters (loads and evictions all along), while production ali
 promoted and rolled back every second. Zero failed requests; every response's version is
 the one its adapter's production alias named at the registry revision the server resolved
 it at (header X-Lorafleet-Revision); the server worker's RSS and open file descriptors stay
-bounded. Runs under `make chaos` (LORAFLEET_CHURN_S sets the duration, default 20 s); it is
-marked as an expected failure until the stall it found is fixed (see the marker's reason)."""
+bounded. `make test` runs it for 20 s; `make chaos` for LORAFLEET_CHURN_S (default 120 s).
+
+It found that requests waiting for a slot filled the event loop's default executor (6
+threads on 2 cores) and stalled every other miss past 60 s; loads now wait on threads of
+their own (serving/server.py LOADER_THREADS)."""
 
 from __future__ import annotations
 
@@ -23,12 +26,10 @@ import pytest
 from registry import Registry
 
 ADAPTERS = [f"task{i}" for i in range(6)]
-# Zipf-like traffic, as fleets see it: two adapters take most requests, the rest come and go
-# through the 3 engine slots (uniform traffic over 6 adapters in 3 slots is a thrash that no
-# cache serves; `make loadtest --shape uniform` measures that).
-WEIGHTS = [8, 4, 2, 1, 1, 1]
+# Uniform traffic over 6 adapters in 3 engine slots: the worst case for residency, about
+# every other request a miss that evicts another version.
 CLIENTS = 32
-SECONDS = float(os.environ.get("LORAFLEET_CHURN_S", "20"))
+CHAOS_SECONDS = float(os.environ.get("LORAFLEET_CHURN_S", "120"))
 PROMPTS = ["Review: the pizza was great.\nSentiment:", "Add: 3 + 4 =", "The customer sends"]
 
 
@@ -80,17 +81,32 @@ def _production_at(registry: Registry) -> Callable[[str, int], int]:
     return version_at
 
 
-@pytest.mark.chaos
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: with 32 clients and more adapters than slots some requests stall past 60 s "
-    "or get 503 (slot wait), with or without alias moves; 16 clients passed in make loadtest",
-)
 def test_32_clients_under_alias_churn_and_evictions(
     tmp_path: Path,
     tiny_base: Path,
     adapter_factory: Callable[..., Path],
     serve: Callable[..., AbstractContextManager[Any]],
+) -> None:
+    churn(tmp_path, tiny_base, adapter_factory, serve, seconds=20)
+
+
+@pytest.mark.chaos
+def test_32_clients_under_alias_churn_for_longer(
+    tmp_path: Path,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve: Callable[..., AbstractContextManager[Any]],
+) -> None:
+    churn(tmp_path, tiny_base, adapter_factory, serve, seconds=CHAOS_SECONDS)
+
+
+def churn(
+    tmp_path: Path,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve: Callable[..., AbstractContextManager[Any]],
+    *,
+    seconds: float,
 ) -> None:
     home = tmp_path / "home"
     registry = Registry.create(home, tiny_base)
@@ -110,7 +126,7 @@ def test_32_clients_under_alias_churn_and_evictions(
             rng = random.Random(seed)
             with httpx.Client(base_url=service.url, timeout=60) as http:
                 while not stop.is_set():
-                    name = rng.choices(ADAPTERS, WEIGHTS)[0]
+                    name = rng.choice(ADAPTERS)
                     body = {
                         "model": name,
                         "prompt": rng.choice(PROMPTS),
@@ -137,7 +153,7 @@ def test_32_clients_under_alias_churn_and_evictions(
             thread.start()
         moves = 0
         rng = random.Random(7)
-        deadline = time.monotonic() + SECONDS
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             time.sleep(1.0)
             name = rng.choice(ADAPTERS)
@@ -155,7 +171,7 @@ def test_32_clients_under_alias_churn_and_evictions(
         residency = service.admin("/admin/residency").json()
     failed = [r for r in results if r[1] != 200]
     print(
-        f"\nchurn: {len(results)} requests from {CLIENTS} clients in {SECONDS:g} s, "
+        f"\nchurn: {len(results)} requests from {CLIENTS} clients in {seconds:g} s, "
         f"{moves} alias moves, {len(failed)} failed, {len(errors)} transport errors; "
         f"worker RSS {before[0]:.0f} -> {after[0]:.0f} MiB, fds {before[1]} -> {after[1]}"
     )
