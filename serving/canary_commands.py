@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any
 
 from registry.arguments import registry_options
@@ -103,28 +100,6 @@ def cmd_canary_status(args: argparse.Namespace) -> int:
 
 def fetch_status(url: str, adapter: str, api_key: str | None, timeout_s: float = 30) -> Any:
     """GET /admin/canary?adapter=NAME; AdminCallFailed naming the value and the fix."""
-    from serving.errors import AdminCallFailed
+    from serving.admin_client import admin_get
 
-    query = urllib.parse.urlencode({"adapter": adapter})
-    request = urllib.request.Request(
-        f"{url.rstrip('/')}/admin/canary?{query}",
-        headers={"Authorization": f"Bearer {api_key or ''}", "Accept": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        if err.code == 401:
-            given = "none was given" if not api_key else "it refused the one given"
-            raise AdminCallFailed(
-                f"the server at {url} needs its admin key and {given}; pass --api-key KEY or "
-                "set LORAFLEET_API_KEY to the server's --api-key"
-            ) from err
-        raise AdminCallFailed(
-            f"the server at {url} answered {err.code} to GET /admin/canary: {err.read()[:300]!r}"
-        ) from err
-    except (urllib.error.URLError, OSError) as err:
-        raise AdminCallFailed(
-            f"cannot reach a lorafleet server at {url} ({getattr(err, 'reason', err)}); start "
-            "one with `lorafleet serve` or pass --url"
-        ) from err
+    return admin_get(url, "/admin/canary", {"adapter": adapter}, api_key, timeout_s)

@@ -8,16 +8,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
-import urllib.error
-import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from serving.errors import AdminCallFailed
+from serving.admin_client import admin_get
 
 logger = logging.getLogger(__name__)
 
@@ -47,40 +43,7 @@ VERDICTS = {
 
 def fetch_report(url: str, model: str, api_key: str | None, timeout_s: float = 30) -> Any:
     """GET /admin/drift?model=MODEL; AdminCallFailed naming the value and the fix."""
-    query = urllib.parse.urlencode({"model": model})
-    request = urllib.request.Request(
-        f"{url.rstrip('/')}/admin/drift?{query}",
-        headers={"Authorization": f"Bearer {api_key or ''}", "Accept": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        raise AdminCallFailed(_http_problem(url, model, api_key, err)) from err
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise AdminCallFailed(
-            f"cannot reach a lorafleet server at {url} ({reason}); start one with "
-            "`lorafleet serve` or pass --url"
-        ) from err
-
-
-def _http_problem(url: str, model: str, api_key: str | None, err: urllib.error.HTTPError) -> str:
-    try:
-        message: str | None = json.loads(err.read())["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = None  # not a lorafleet error body
-    if err.code == 401:
-        given = "no admin key was given" if not api_key else "it refused the admin key given"
-        return (
-            f"the server at {url} needs its admin key and {given}; pass --api-key KEY or set "
-            "LORAFLEET_API_KEY to the server's --api-key"
-        )
-    if message is None and err.code in (404, 405):
-        return f"the server at {url} has no /admin/drift endpoint; check --url or upgrade it"
-    if err.code in (400, 404):
-        return f"{message} (asked {url} for model {model!r})"
-    return f"the server at {url} answered {err.code} for model {model!r}: {message or err.reason}"
+    return admin_get(url, "/admin/drift", {"model": model}, api_key, timeout_s)
 
 
 def render_html(report: dict[str, Any], *, url: str = "") -> str:
