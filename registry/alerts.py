@@ -18,7 +18,7 @@ from typing import Any, Literal
 from registry.database import Database, Transaction
 from registry.history import insert_event, utc_now
 from registry.jobs import JobRecord, queue_in
-from registry.settings import AdapterSettings
+from registry.settings import get_settings
 
 Outcome = Literal["queued", "duplicate", "cooldown", "ignored"]
 
@@ -122,8 +122,7 @@ def _decide(
     if adapter is None:
         unknown = labels.get("adapter")
         return "ignored", f"label adapter={unknown!r} names no registered adapter", None
-    found = txn.execute("SELECT settings FROM settings WHERE adapter = ?", (adapter,)).fetchone()
-    settings = AdapterSettings.model_validate(json.loads(found[0])) if found else AdapterSettings()
+    settings = get_settings(txn, adapter)
     cutoff = datetime.now(UTC) - timedelta(seconds=settings.alert_cooldown_s)
     recent = txn.execute(
         "SELECT id, created_at FROM jobs WHERE adapter = ? AND trigger LIKE 'alert:%'"

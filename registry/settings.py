@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from registry.database import Database
+from registry.database import Database, Transaction
 from registry.errors import InvalidSettings
 from registry.history import insert_event, utc_now
 
@@ -81,8 +81,11 @@ def _validate(data: dict[str, Any], adapter: str) -> AdapterSettings:
         ) from err
 
 
-def get_settings(db: Database, adapter: str) -> AdapterSettings:
-    rows = db.query("SELECT settings FROM settings WHERE adapter = ?", (adapter,))
+def get_settings(db: Database | Transaction, adapter: str) -> AdapterSettings:
+    """The settings of `adapter` (the defaults without a row), read through a database or
+    inside an open transaction."""
+    sql, params = "SELECT settings FROM settings WHERE adapter = ?", (adapter,)
+    rows = db.query(sql, params) if isinstance(db, Database) else db.execute(sql, params).fetchall()
     return AdapterSettings.model_validate(json.loads(rows[0][0])) if rows else AdapterSettings()
 
 
