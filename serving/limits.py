@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+logger = logging.getLogger(__name__)
 
 BOUNDED_PREFIX = "/v1/"  # admin calls and probes stay answerable under inference load
 UPLOAD_PREFIX = "/admin/adapters/"  # adapter files, base64 in JSON: bounded by their own limit
