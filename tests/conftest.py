@@ -90,6 +90,27 @@ def adapter_factory(
     return make
 
 
+def one_adapter_home(
+    home: Path, base: Path, adapter_factory: Callable[..., Path]
+) -> dict[str, Path]:
+    """A registry at `home` holding alpha@1 (rank 4, production); returns {ref: directory}
+    for the `serve` fixture. The set-up of tests of the HTTP layer."""
+    from registry import Registry
+
+    registry = Registry.create(home, base)
+    adapters = {"alpha@1": adapter_factory(base, rank=4, seed=21)}
+    registry.register("alpha", adapters["alpha@1"])
+    registry.promote("alpha", 1)
+    registry.close()
+    return adapters
+
+
+@pytest.fixture(scope="session")
+def alpha_registry() -> Callable[..., dict[str, Path]]:
+    """alpha_registry(home, base, adapter_factory): see `one_adapter_home`."""
+    return one_adapter_home
+
+
 @pytest.fixture
 def copy_adapter(tmp_path: Path) -> Callable[[Path], Path]:
     """A private, editable copy of an adapter directory."""

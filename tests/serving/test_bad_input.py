@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from registry import Registry
 from serving.schemas import MAX_PROMPT_CHARS
 
 Service = Any  # the running server of conftest's `serve` fixture
@@ -33,13 +32,10 @@ def service(
     tiny_base: Path,
     adapter_factory: Callable[..., Path],
     serve: Callable[..., AbstractContextManager[Service]],
+    alpha_registry: Callable[..., dict[str, Path]],
 ) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("bad-input") / "home"
-    registry = Registry.create(home, tiny_base)
-    adapters = {"alpha@1": adapter_factory(tiny_base, rank=4, seed=21)}
-    registry.register("alpha", adapters["alpha@1"])
-    registry.promote("alpha", 1)
-    registry.close()
+    adapters = alpha_registry(home, tiny_base, adapter_factory)
     options = ("--max-len", "1024", "--max-tokens-limit", "512", "--no-canary-verdicts")
     limits = ("--max-concurrent-requests", str(MAX_CONCURRENT))
     # Its own BENTOML_HOME: BentoML keeps the metrics of every server in one directory

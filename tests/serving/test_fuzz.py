@@ -17,8 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 
-from registry import Registry
-
 Service = Any  # the running server of conftest's `serve` fixture
 
 EXAMPLES = 15  # per route, mode and key: 15 routes x 2 x 2 x 15, less where fewer exist
@@ -31,13 +29,10 @@ def service(
     tiny_base: Path,
     adapter_factory: Callable[..., Path],
     serve: Callable[..., AbstractContextManager[Service]],
+    alpha_registry: Callable[..., dict[str, Path]],
 ) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("fuzz") / "home"
-    registry = Registry.create(home, tiny_base)
-    adapters = {"alpha@1": adapter_factory(tiny_base, rank=4, seed=21)}
-    registry.register("alpha", adapters["alpha@1"])
-    registry.promote("alpha", 1)
-    registry.close()
+    adapters = alpha_registry(home, tiny_base, adapter_factory)
     options = ("--max-len", "128", "--max-tokens-limit", "16", "--no-canary-verdicts")
     with serve(home, tiny_base, adapters, *options) as running:
         yield running
