@@ -25,6 +25,8 @@ LOOP_ACTIONS = (
     "job.failed",
     "canary.verdict",
 )
+# An operator keeping an adapter resident (or letting it go), shown with the alias moves.
+PIN_ACTIONS = ("adapter.pin", "adapter.unpin")
 
 
 def utc_now() -> str:
@@ -103,12 +105,12 @@ def list_events(
     all_events: bool = False,
     limit: int | None = None,
 ) -> list[Event]:
-    """Events oldest first: alias moves and the loop's steps, or every write with
+    """Events oldest first: alias moves, pins and the loop's steps, or every write with
     `all_events`; `limit` keeps the newest."""
     where: list[str] = []
     params: list[Any] = []
     if not all_events:
-        shown = (*ALIAS_ACTIONS, *LOOP_ACTIONS)
+        shown = (*ALIAS_ACTIONS, *LOOP_ACTIONS, *PIN_ACTIONS)
         where.append(f"action IN ({', '.join('?' * len(shown))})")
         params += shown
     if adapter is not None:

@@ -1,6 +1,6 @@
-"""`lorafleet registry settings | feedback | requests`: what the watch-and-retrain loop
-keeps per adapter — its settings, the feedback with corrections a user reviews, and the
-log of served requests."""
+"""`lorafleet registry settings | pin | unpin | feedback | requests`: what the
+watch-and-retrain loop keeps per adapter — its settings (the pin among them), the feedback
+with corrections a user reviews, and the log of served requests."""
 
 from __future__ import annotations
 
@@ -33,6 +33,20 @@ def add_loop_commands(
     p.add_argument("--reset", action="store_true", help="start from the defaults")
     p.add_argument("--defaults", action="store_true", help="list every key, default, meaning")
     p.set_defaults(handler=cmd_settings)
+
+    for verb, pinned in (("pin", True), ("unpin", False)):
+        p = sub.add_parser(
+            verb,
+            help="keep an adapter's production and canary versions resident in every server"
+            if pinned
+            else "let a pinned adapter's versions be evicted again",
+            description="Set the adapter's `pinned` setting; every server sharing the registry "
+            "follows it within a poll interval (as `lorafleet serve --pin NAME` does for one "
+            "server). Recorded in the history as adapter.pin / adapter.unpin with --reason.",
+            parents=[common, writes],
+        )
+        p.add_argument("name", help="adapter name")
+        p.set_defaults(handler=cmd_pin, pinned=pinned)
 
     feedback = sub.add_parser(
         "feedback",
@@ -93,6 +107,12 @@ def cmd_settings(args: argparse.Namespace) -> int:
         for k, v in current.model_dump().items()
     )
     return emit(args, current.model_dump(), text)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    current = Registry(args.home).pin(args.name, args.pinned, actor=args.actor, reason=args.reason)
+    state = "pinned" if current.pinned else "not pinned"
+    return emit(args, {"adapter": args.name, "pinned": current.pinned}, f"{args.name}: {state}")
 
 
 def cmd_feedback_list(args: argparse.Namespace) -> int:

@@ -162,6 +162,7 @@ class Event:
     actor: str
     reason: str
     # register | archive | alias.set | alias.rollback | alias.remove | fsck.repair | settings |
+    # adapter.pin | adapter.unpin |
     # alert.received | job.queued | job.started | job.succeeded | job.failed | canary.verdict
     action: str
     adapter: str | None

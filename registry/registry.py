@@ -299,6 +299,21 @@ class Registry:
             self.db, adapter, changes, actor=actor or default_actor(), reason=reason, reset=reset
         )
 
+    def pin(
+        self, adapter: str, pinned: bool = True, *, actor: str | None = None, reason: str = ""
+    ) -> AdapterSettings:
+        """Keep `adapter`'s production and canary versions resident in every server (or stop
+        keeping them): its `pinned` setting, recorded as adapter.pin / adapter.unpin."""
+        self.list_versions(adapter)
+        return settings.update_settings(
+            self.db,
+            adapter,
+            {"pinned": pinned},
+            actor=actor or default_actor(),
+            reason=reason,
+            action="adapter.pin" if pinned else "adapter.unpin",
+        )
+
     @property
     def request_log(self) -> RequestLog:
         """The log of served requests (its own SQLite file beside the registry's)."""

@@ -47,6 +47,8 @@ class AdapterSettings(BaseModel):
     """Largest drop of mean feedback score (in [-1, 1]) below production's that still promotes."""
     alert_cooldown_s: float = Field(3600.0, ge=0.0)
     """Seconds after an alert-triggered job during which further alerts queue nothing."""
+    pinned: bool = False
+    """Keep the production and canary versions resident in every server (as serve --pin)."""
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
@@ -105,8 +107,10 @@ def update_settings(
     actor: str,
     reason: str,
     reset: bool = False,
+    action: str = "settings",
 ) -> AdapterSettings:
-    """Apply `changes` over the current settings (over the defaults with `reset`)."""
+    """Apply `changes` over the current settings (over the defaults with `reset`); the
+    history event is `action` (`adapter.pin` and `adapter.unpin` for the pin)."""
     with db.write("settings") as txn:
         row = txn.execute("SELECT settings FROM settings WHERE adapter = ?", (adapter,)).fetchone()
         current = {} if reset or row is None else json.loads(row[0])
@@ -122,7 +126,7 @@ def update_settings(
             txn,
             actor=actor,
             reason=reason or document,
-            action="settings",
+            action=action,
             adapter=adapter,
         )
     return updated

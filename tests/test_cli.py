@@ -22,6 +22,9 @@ REGISTRY_COMMANDS = [
     "fsck",
     "gc",
     "info",
+    "settings",
+    "pin",
+    "unpin",
 ]
 
 
@@ -82,6 +85,14 @@ def test_user_walkthrough(cli: Callable[..., object], tmp_path: Path) -> None:
     listing = json.loads(ok("registry", "list", "--json"))
     assert listing[0]["aliases"]["production"] == {"version": 1, "weight": None}
     assert "clean" in ok("registry", "fsck", "--verify")
+    assert "support: pinned" in ok("registry", "pin", "support", "--reason", "hot")
+    assert json.loads(ok("registry", "settings", "support", "--json"))["pinned"] is True
+    assert "support: not pinned" in ok("registry", "unpin", "support", "--reason", "cold")
+    pins = json.loads(ok("registry", "history", "support", "--json"))[-2:]
+    assert [(e["action"], e["reason"]) for e in pins] == [
+        ("adapter.pin", "hot"),
+        ("adapter.unpin", "cold"),
+    ]
 
     other_home = tmp_path / "other-home"
     assert cli("registry", "init", "--base", str(other), home=other_home).returncode == 0
