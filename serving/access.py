@@ -10,9 +10,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving.errors import Unauthorized
+
 ADMIN_PREFIX = "/admin"
+ACTOR_HEADER = "X-Lorafleet-Actor"  # who an admin call acts for, in the history
 INFERENCE_PREFIX = "/v1/"
 ADMIN_REFUSAL = "admin endpoints need Authorization: Bearer <the server's --api-key>"
 INFERENCE_REFUSAL = "this server needs Authorization: Bearer <its --inference-key> on /v1/ routes"
@@ -34,6 +38,15 @@ def bearer_matches(authorization: str, key: str | None) -> bool:
         authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
     )
     return hmac.compare_digest(token.encode(), key.encode())
+
+
+def require_admin(request: Request) -> str:
+    """The actor of an admin call; Unauthorized (401) unless the bearer token equals the
+    server's admin key (checked again here: a route must not rely on the middleware alone)."""
+    key = request.app.state.server.config.api_key
+    if not bearer_matches(request.headers.get("authorization", ""), key):
+        raise Unauthorized()
+    return "api:" + request.headers.get(ACTOR_HEADER, "admin")
 
 
 def refusal(path: str, authorization: str, keys: Keys) -> str | None:

@@ -27,8 +27,9 @@ from registry.errors import (
 )
 from registry.names import parse_model_ref
 from registry.verdicts import Verdict
-from serving.access import ADMIN_REFUSAL, KeyCheck, Keys, bearer_matches
+from serving.access import ADMIN_REFUSAL, KeyCheck, Keys, require_admin
 from serving.alerts import receive_notification
+from serving.dashboard import router as dashboard_router
 from serving.errors import (
     AdapterTooLarge,
     BadRequest,
@@ -57,7 +58,6 @@ VERSION_HEADER = "X-Lorafleet-Adapter-Version"
 # The registry revision of the alias map that resolved the request's model.
 REVISION_HEADER = "X-Lorafleet-Revision"
 SESSION_HEADER = "X-Session-Id"
-ACTOR_HEADER = "X-Lorafleet-Actor"
 STATUS: list[tuple[type[LorafleetError], int]] = [
     (NotFound, 404),
     (InvalidName, 400),
@@ -85,6 +85,7 @@ def _keys() -> Keys:
 
 
 app.add_middleware(KeyCheck, keys=_keys)  # outermost: 401 before limits, routing or body
+app.include_router(dashboard_router)  # /dashboard and its /admin/dashboard data
 
 
 def server_of(request: Request) -> Server:
@@ -112,9 +113,10 @@ async def invalid_request(request: Request, err: RequestValidationError) -> JSON
 
 
 def _field(loc: Any) -> str:
-    """`messages[0].content` for the loc ("body", "messages", 0, "content")."""
+    """`messages[0].content` for the loc ("body", "messages", 0, "content"); `model` for
+    the query parameter ("query", "model")."""
     parts = list(loc)
-    if len(parts) > 1 and parts[0] == "body":
+    if len(parts) > 1 and parts[0] in ("body", "query", "path"):
         parts = parts[1:]
     path = ""
     for part in parts:
@@ -156,14 +158,6 @@ async def http_error(request: Request, err: HTTPException) -> JSONResponse:
 async def lorafleet_error(_: Request, err: LorafleetError) -> JSONResponse:
     status = next((code for kind, code in STATUS if isinstance(err, kind)), 400)
     return error_response(status, str(err), type(err).__name__)
-
-
-def require_admin(request: Request) -> str:
-    """The actor of an admin call; 401 unless the bearer token equals the admin key."""
-    key = server_of(request).config.api_key
-    if not bearer_matches(request.headers.get("authorization", ""), key):
-        raise Unauthorized()
-    return "api:" + request.headers.get(ACTOR_HEADER, "admin")
 
 
 @app.exception_handler(Unauthorized)

@@ -35,6 +35,7 @@ class Residency:
         self.engine_name = engine_name
         self.registry = registry
         self.pinned: set[str] = set()
+        self.evicted: dict[str, float] = {}  # key -> unix time it left, until loaded again
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Event] = {}
@@ -86,6 +87,7 @@ class Residency:
             ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - started)
             with self._lock:
                 self._lru[key] = None
+                self.evicted.pop(key, None)
                 ADAPTERS_LOADED.set(len(self._lru))
         finally:
             with self._lock:
@@ -129,6 +131,7 @@ class Residency:
             for key in self._lru:
                 if key not in protected:
                     del self._lru[key]
+                    self.evicted[key] = time.time()
                     ADAPTERS_LOADED.set(len(self._lru))
                     break
             else:
@@ -143,6 +146,7 @@ class Residency:
             if key not in self._lru:
                 return False
             del self._lru[key]
+            self.evicted[key] = time.time()
             ADAPTERS_LOADED.set(len(self._lru))
         self.engine.unload_adapter(key)
         return True

