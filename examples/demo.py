@@ -7,8 +7,9 @@ requests, and prints what served each request. Then the loop: the `topic` adapte
 prompts it was not trained on, its drift scores cross their thresholds, the drift alert
 arrives at the server's webhook (here posted in Alertmanager's format; `make test` runs real
 Prometheus and Alertmanager), `lorafleet jobs run` retrains it on its data plus new data,
-the gate passes, and the server's canary verdict promotes the new version. Files go to
-$DEMO_DIR (default .demo).
+the gate passes, and the server's canary verdict promotes the new version. Last, what the
+operator dashboard shows. Files go to $DEMO_DIR (default .demo); with DEMO_KEEP_SERVING=1
+the server keeps running at the end, for a look at its /dashboard.
 """
 
 from __future__ import annotations
@@ -131,9 +132,16 @@ def main() -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"demo failed: the server did not start; see {DIR / 'server.log'}")
             time.sleep(0.5)
-        print(f"   ready at {url}")
+        print(f"   ready at {url}; the operator dashboard: {url}/dashboard (admin key {KEY})")
         serve_phase(http)
         loop_phase(http)
+        dashboard_phase(http)
+        if os.environ.get("DEMO_KEEP_SERVING"):
+            print(f"\n   serving on until Ctrl-C: open {url}/dashboard, admin key {KEY}")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
     finally:
         step("stop the service")
         os.killpg(server.pid, signal.SIGTERM)
@@ -294,6 +302,22 @@ def loop_phase(http: httpx.Client) -> None:
         served, text = complete(http, "topic", prompt)
         print(f"   {prompt.splitlines()[0][:58]:<58} {served:<12} -> {text!r}")
     lorafleet("registry", "history", "topic")
+
+
+def dashboard_phase(http: httpx.Client) -> None:
+    step("what the operator dashboard shows (GET /admin/dashboard, drawn at /dashboard)")
+    state = http.get("/admin/dashboard", headers={"Authorization": f"Bearer {KEY}"}).json()
+    for adapter in state["fleet"]["adapters"]:
+        aliases = ", ".join(f"{a} -> v{h['version']}" for a, h in adapter["aliases"].items())
+        print(f"   {adapter['name']:<10} {len(adapter['versions'])} versions; {aliases}")
+    for version in state["traffic"]["versions"]:
+        recent = version["last_minute"]
+        p95 = "-" if recent["p95_s"] is None else f"{recent['p95_s']:.3f} s"
+        print(f"   {version['model']:<12} last minute: {recent['requests']:>4} requests, p95 {p95}")
+    for job in state["fleet"]["jobs"]:
+        verdict = (job["canary_verdict"] or {}).get("reason", "no verdict")
+        print(f"   job {job['id']} ({job['trigger']}): {job['state']}, v{job['version']}, "
+              f"canary: {verdict[:60]}")
 
 
 if __name__ == "__main__":
