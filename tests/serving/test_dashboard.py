@@ -407,6 +407,38 @@ def test_drift_distributions_and_a_screenshot(service: Any, browser: Any) -> Non
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
 
+def test_the_page_works_from_the_keyboard(service: Any, browser: Any) -> None:
+    """Every control has a label; Tab reaches the action form, letters pick options and Enter
+    submits: unpin beta without the mouse."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    unlabeled = browser.execute_script(
+        "return [...document.querySelectorAll('input, select')]"
+        ".filter(c => !c.labels || !c.labels.length).map(c => c.id)"
+    )
+    assert unlabeled == []
+    browser.execute_script("document.getElementById('admin-key').focus()")
+    keys = ActionChains(browser)
+    for _ in range(40):
+        if browser.switch_to.active_element.get_attribute("id") == "act-kind":
+            break
+        keys.send_keys(Keys.TAB).perform()
+    else:
+        raise AssertionError("Tab never reached the action form")
+    keys.send_keys("u").perform()  # "Unpin"
+    assert browser.switch_to.active_element.get_attribute("value") == "unpin"
+    keys.send_keys(Keys.TAB, "b").perform()  # adapter: beta
+    assert browser.switch_to.active_element.get_attribute("value") == "beta"
+    keys.send_keys(Keys.TAB).perform()  # alias, version and weight are hidden for unpin
+    assert browser.switch_to.active_element.get_attribute("id") == "act-reason"
+    keys.send_keys("unpinned from the keyboard", Keys.ENTER).perform()
+    wait_for("the unpin's answer", lambda: text_of(browser, "action-result").startswith("Done"))
+    assert service.admin("/admin/residency").json()["pinned"] == []
+    last = events(service, "beta")[-1]
+    assert (last.action, last.reason) == ("adapter.unpin", "unpinned from the keyboard")
+
+
 def test_an_unreachable_server_is_shown_and_the_page_recovers(service: Any, browser: Any) -> None:
     browser.set_network_conditions(offline=True, latency=0, throughput=0)
     try:
