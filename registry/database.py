@@ -75,6 +75,8 @@ CREATE TABLE IF NOT EXISTS events (
     below INTEGER REFERENCES events (id)
 );
 CREATE INDEX IF NOT EXISTS events_by_alias ON events (adapter, alias, id);
+-- the dashboard's reads by kind: each adapter's last alias move, the canary verdicts
+CREATE INDEX IF NOT EXISTS events_by_action ON events (action, adapter, id);
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at TEXT NOT NULL,
