@@ -136,6 +136,15 @@ def test_pin_and_unpin_keep_the_adapter_resident_and_land_in_history(service: An
     assert answer.status_code == 200 and answer.json()["resident_pinned"] == []
     assert service.admin("/admin/residency").json()["pinned"] == []
     assert events(service, "beta")[-1].action == "adapter.unpin"
+    # a pin written by another process (the CLI) is followed within a poll interval
+    registry = Registry(service.home)
+    registry.pin("beta", actor="cli", reason="from the CLI")
+    registry.close()
+    deadline = time.monotonic() + WAIT_S
+    while service.admin("/admin/residency").json()["pinned"] != ["beta@1"]:
+        assert time.monotonic() < deadline, "the server did not follow the registry's pin"
+        time.sleep(0.1)
+    assert service.admin("/admin/unpin", {"adapter": "beta", "reason": "x"}).status_code == 200
     unknown = service.admin("/admin/pin", {"adapter": "gamma", "reason": "x"})
     assert unknown.status_code == 404
     assert "registered adapters: alpha, beta" in unknown.json()["error"]["message"]
