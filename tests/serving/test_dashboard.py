@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 
-from registry import Registry
+from registry import Registry, jobs
 from registry.profile import build_profile
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 ARTIFACTS = Path(os.environ.get("LORAFLEET_ARTIFACTS", Path(__file__).parents[1] / "artifacts"))
 PROMPT = "Review: the soup was cold and the waiter rude.\nSentiment:"
 WAIT_S = 30.0
+NONE = "\N{EN DASH}"  # what the page shows for a missing value
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,42 @@ def service(
     registry.register("alpha", adapter_factory(tiny_base, rank=4, seed=42))
     registry.register("beta", adapter_factory(tiny_base, rank=4, seed=43))
     registry.promote("beta", 1)
+    add_jobs(registry)
     registry.close()
     adapters = {"alpha@1": alpha}
     options = ("--max-len", "256", "--drift-window", "40", "--drift-min-samples", "8")
     with serve(tmp / "home", tiny_base, adapters, *options) as running:
         yield running
+
+
+def add_jobs(registry: Registry) -> None:
+    """Job 1: alpha, from an alert, registered v2 (gate passed); job 2: beta, on schedule,
+    refused by the gate; job 3: beta, queued by hand."""
+    done, _ = jobs.queue_job(registry.db, "alpha", "alert:5e1ec7ed", actor="alertmanager")
+    jobs.claim_job(registry.db, actor="runner")
+    gate = {"passed": True, "failures": []}
+    jobs.finish_job(
+        registry.db,
+        done.id,
+        succeeded=True,
+        actor="runner",
+        summary="registered alpha@2",
+        version=2,
+        result={"gate": gate},
+    )
+    refused, _ = jobs.queue_job(registry.db, "beta", "schedule", actor="scheduler")
+    jobs.claim_job(registry.db, actor="runner")
+    gate = {"passed": False, "failures": ["eval loss 0.91 > production's 0.50 x 1.00"]}
+    jobs.finish_job(
+        registry.db,
+        refused.id,
+        succeeded=False,
+        actor="runner",
+        summary="gate failed",
+        result={"gate": gate},
+        error="gate failed: eval loss 0.91 > production's 0.50 x 1.00",
+    )
+    jobs.queue_job(registry.db, "beta", actor="alice", reason="new data")
 
 
 def production(service: Any, adapter: str) -> int:
@@ -277,6 +309,20 @@ def test_page_lists_adapters_and_aliases(service: Any, browser: Any) -> None:
     assert console_errors(browser) == []
 
 
+def test_jobs_show_trigger_state_version_and_verdicts(service: Any, browser: Any) -> None:
+    def row(job: int) -> list[str]:
+        cells = by_css(browser, f"#jobs-table tr[data-job='{job}'] td")
+        return [c.text for c in cells]
+
+    alerted, refused, queued = row(1), row(2), row(3)
+    assert alerted[1:4] == ["alpha", "succeeded", "alert 5e1ec7ed"]
+    assert alerted[6:9] == ["v2", "passed", "pending"]  # registered; no canary verdict yet
+    assert refused[1:4] == ["beta", "failed", "schedule"]
+    assert refused[7] == "failed: eval loss 0.91 > production's 0.50 x 1.00"
+    assert refused[9] == ""  # the gate's refusal is shown once, in the gate column
+    assert queued[1:4] == ["beta", "queued", "manual"] and queued[5:7] == [NONE, NONE]
+
+
 def test_charts_show_traffic_for_the_right_adapter(service: Any, browser: Any) -> None:
     complete(service, "alpha", 12)
 
@@ -398,22 +444,24 @@ def test_pin_and_canary_weight_through_the_page(service: Any, browser: Any) -> N
     )
 
 
-def test_drift_distributions_and_a_screenshot(service: Any, browser: Any) -> None:
+def test_a_screenshot_and_the_drift_distributions(service: Any, browser: Any) -> None:
     complete(service, "alpha@1", 8)
     button = wait_for(
         "the drift button",
         lambda: by_css(browser, ".drift-version[data-model='alpha@1'] button"),
     )[0]
+    assert "browser promote" in text_of(browser, "history")
+    # the whole page, fleet to history, at a laptop's width
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, height + 140)  # + the window's own frame
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    browser.set_window_size(1400, 2200)
     button.click()
     images = wait_for("the drift plots", lambda: by_css(browser, "#drift-detail img"))
     assert len(images) == 5
     assert all(i.get_attribute("src").startswith("data:image/png") for i in images)
-    # jobs and history are there too
-    assert "browser promote" in text_of(browser, "history")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser.execute_script("window.scrollTo(0, 0)")
-    assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
-    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
 
 def test_the_page_works_from_the_keyboard(service: Any, browser: Any) -> None:
