@@ -16,13 +16,14 @@ import time
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from registry.fleet import fleet_snapshot
 from serving.access import require_admin
 from serving.drift_report import plot_signal
+from serving.samples import SERIES_LIMIT
 from serving.schemas import PinRequest
 from serving.server import Server
 
@@ -62,16 +63,31 @@ def _server(request: Request) -> Server:
 
 
 @router.get("/admin/dashboard")
-async def state(request: Request) -> dict[str, Any]:
+async def state(
+    request: Request,
+    adapter: str = Query("", max_length=200, description="show adapters containing this"),
+    series: int = Query(SERIES_LIMIT, ge=1, le=50, description="versions drawn at most"),
+) -> dict[str, Any]:
     """Everything the page shows, in one answer: the fleet from the registry (one snapshot),
-    residency, the last minutes of traffic and drift, and the canaries' live comparison."""
+    residency, the last minutes of traffic and drift, and the canaries' live comparison.
+    Charts are drawn for at most `series` versions whose adapter name contains `adapter`:
+    the busiest for traffic, drifted then most sampled for drift."""
     require_admin(request)
     server = _server(request)
-    fleet, canaries, drift_now = await asyncio.gather(
+    needle = adapter.lower()
+
+    def match(name: str) -> bool:
+        return needle in name.lower()
+
+    fleet, canaries, drift_now, traffic = await asyncio.gather(
         asyncio.to_thread(fleet_snapshot, server.registry.db),
         asyncio.to_thread(server.canary.status, None),
         asyncio.to_thread(server.drift.summary),
+        asyncio.to_thread(server.traffic.series, match, series),
     )
+    tracked = [v for v in drift_now if v["adapter"] != "base" and match(v["adapter"])]
+    tracked.sort(key=lambda v: (not v["drifted"], -v["samples"]))
+    drawn = {(v["adapter"], str(v["version"])) for v in tracked[:series]}
     residency = server.residency
     return {
         "server": {
@@ -90,12 +106,13 @@ async def state(request: Request) -> dict[str, Any]:
             "pinned": sorted(residency.pinned),
             "evicted": dict(residency.evicted),
         },
-        "traffic": await asyncio.to_thread(server.traffic.series),
+        "traffic": traffic,
         "drift": {
             "enabled": server.drift.settings.enabled,
             "thresholds": dict(server.drift.settings.thresholds),
             "now": drift_now,
-            "history": server.drift_history.series(),
+            "matching": len(tracked),
+            "history": server.drift_history.series(drawn),
             "window_s": server.drift_history.window_s,
         },
         "canaries": [c.to_dict() for c in canaries],

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 STEP_S = 5.0  # one point per step
 WINDOW_S = 900.0  # the last 15 minutes
 MAX_LATENCIES = 512  # latencies kept per version and step
+SERIES_LIMIT = 8  # versions drawn: the busiest (the table lists every version's last minute)
+QUANTILES = (0.5, 0.95, 0.99)
 Key = tuple[str, str]  # (adapter, version); ("base", "0") for the base model
 
 
@@ -35,6 +37,7 @@ class Bucket:
     completion_tokens: int = 0
     timed: int = 0  # requests whose latency was offered to the reservoir
     latencies: list[float] = field(default_factory=list)
+    quantiles: list[float] | None = None  # p50, p95, p99, once the step has ended
 
 
 class Traffic:
@@ -83,10 +86,14 @@ class Traffic:
                     if slot < MAX_LATENCIES:
                         bucket.latencies[slot] = seconds
 
-    def series(self) -> dict[str, Any]:
-        """Step start times (unix seconds, oldest first) and, per version with traffic in the
-        window, requests/s, error rate, latency p50/p95/p99, prompt and completion tokens/s
-        (null where a step has no request). The current step is divided by its elapsed part."""
+    def series(
+        self, match: Callable[[str], bool] | None = None, limit: int = SERIES_LIMIT
+    ) -> dict[str, Any]:
+        """Step start times (unix seconds, oldest first); `recent`: the last minute of every
+        version with traffic in the window; `versions`: for the `limit` busiest versions
+        whose adapter passes `match`, requests/s, error rate, latency p50/p95/p99, prompt
+        and completion tokens/s per step (null where a step has no request). The current
+        step is divided by its elapsed part."""
         now = self.clock()
         last = int(now // self.step_s)
         first = last - self.steps + 1
@@ -97,61 +104,87 @@ class Traffic:
                 key: {s: b for s, b in buckets.items() if s >= first}
                 for key, buckets in self._buckets.items()
             }
-        versions = []
-        for (adapter, version), buckets in sorted(copied.items()):
+        minute = min(self.steps, max(1, int(60 // self.step_s)))
+        recent: dict[str, dict[str, Any]] = {}
+        busy: list[tuple[int, Key]] = []
+        for (adapter, version), buckets in copied.items():
             if not buckets:
                 continue
+            model = "base" if adapter == "base" else f"{adapter}@{version}"
+            tail = [
+                (buckets.get(s), sec)
+                for s, sec in zip(
+                    range(last - minute + 1, last + 1), elapsed[-minute:], strict=True
+                )
+            ]
+            recent[model] = _last_minute(tail)
+            if match is None or match(adapter):
+                busy.append((sum(b.requests for b in buckets.values()), (adapter, version)))
+        chosen = sorted(key for _, key in sorted(busy, key=lambda x: -x[0])[:limit])
+        versions = []
+        for adapter, version in chosen:
+            buckets = copied[(adapter, version)]
             rows = [
-                (buckets.get(s), seconds)
+                (buckets.get(s), s < last, seconds)
                 for s, seconds in zip(range(first, last + 1), elapsed, strict=True)
             ]
-            versions.append(_version_series(adapter, version, rows, int(60 // self.step_s)))
-        return {"step_s": self.step_s, "times": times, "versions": versions}
+            versions.append(_version_series(adapter, version, rows))
+        return {
+            "step_s": self.step_s,
+            "times": times,
+            "versions": versions,
+            "matching": len(busy),
+            "recent": recent,
+        }
+
+
+def _quantiles(bucket: Bucket, done: bool) -> list[float] | None:
+    """p50, p95 and p99 of a step's latencies; kept once the step has ended (it cannot
+    change), so a poll computes only the current step's."""
+    if bucket.quantiles is not None:
+        return bucket.quantiles
+    if not bucket.latencies:
+        return None
+    values = [round(float(q), 4) for q in np.quantile(bucket.latencies, QUANTILES)]
+    if done:
+        bucket.quantiles = values
+    return values
 
 
 def _version_series(
-    adapter: str, version: str, rows: list[tuple[Bucket | None, float]], minute: int
+    adapter: str, version: str, rows: list[tuple[Bucket | None, bool, float]]
 ) -> dict[str, Any]:
     def rate(value: Callable[[Bucket], int]) -> list[float]:
-        return [round(value(b) / s, 4) if b else 0.0 for b, s in rows]
+        return [round(value(b) / s, 4) if b else 0.0 for b, _, s in rows]
 
-    def share(b: Bucket | None) -> float | None:
-        return round(b.errors / b.requests, 4) if b and b.requests else None
-
-    def quantile(q: float) -> list[float | None]:
-        return [
-            round(float(np.quantile(b.latencies, q)), 4) if b and b.latencies else None
-            for b, _ in rows
-        ]
-
-    # The last minute in one figure per measure: what the table beside the charts shows.
-    tail = rows[-max(1, minute) :]
-    recent = [(b, s) for b, s in tail if b]
-    seconds = sum(s for _, s in tail)
-    requests = sum(b.requests for b, _ in recent)
-    latencies = [x for b, _ in recent for x in b.latencies]
+    quantiles = [_quantiles(b, done) if b else None for b, done, _ in rows]
     return {
         "adapter": adapter,
         "version": version,
         "model": "base" if adapter == "base" else f"{adapter}@{version}",
         "requests_per_s": rate(lambda b: b.requests),
-        "error_rate": [share(b) for b, _ in rows],
-        "p50_s": quantile(0.5),
-        "p95_s": quantile(0.95),
-        "p99_s": quantile(0.99),
+        "error_rate": [round(b.errors / b.requests, 4) if b else None for b, _, _ in rows],
+        **{
+            name: [q[i] if q else None for q in quantiles]
+            for i, name in enumerate(("p50_s", "p95_s", "p99_s"))
+        },
         "prompt_tokens_per_s": rate(lambda b: b.prompt_tokens),
         "completion_tokens_per_s": rate(lambda b: b.completion_tokens),
-        "last_minute": {
-            "requests": requests,
-            "requests_per_s": round(requests / seconds, 4),
-            "error_rate": round(sum(b.errors for b, _ in recent) / requests, 4)
-            if requests
-            else None,
-            "p95_s": round(float(np.quantile(latencies, 0.95)), 4) if latencies else None,
-            "completion_tokens_per_s": round(
-                sum(b.completion_tokens for b, _ in recent) / seconds, 4
-            ),
-        },
+    }
+
+
+def _last_minute(tail: list[tuple[Bucket | None, float]]) -> dict[str, Any]:
+    """The last minute in one figure per measure: what the fleet table shows."""
+    recent = [b for b, _ in tail if b]
+    seconds = sum(s for _, s in tail)
+    requests = sum(b.requests for b in recent)
+    latencies = [x for b in recent for x in b.latencies]
+    return {
+        "requests": requests,
+        "requests_per_s": round(requests / seconds, 4),
+        "error_rate": round(sum(b.errors for b in recent) / requests, 4) if requests else None,
+        "p95_s": round(float(np.quantile(latencies, 0.95)), 4) if latencies else None,
+        "completion_tokens_per_s": round(sum(b.completion_tokens for b in recent) / seconds, 4),
     }
 
 
@@ -197,10 +230,15 @@ class DriftHistory:
                 if not points:
                     del self._points[key]
 
-    def series(self) -> list[dict[str, Any]]:
-        """Per version: sample times and each signal's scores (null: not scored)."""
+    def series(self, keys: set[Key] | None = None) -> list[dict[str, Any]]:
+        """Per version (those in `keys`, else all): sample times and each signal's scores
+        (null: not scored)."""
         with self._lock:
-            copied = {key: list(points) for key, points in self._points.items()}
+            copied = {
+                key: list(points)
+                for key, points in self._points.items()
+                if keys is None or key in keys
+            }
         out = []
         for (adapter, version), points in sorted(copied.items()):
             signals = sorted({name for _, scores in points for name in scores})

@@ -150,8 +150,11 @@ def test_state_has_the_fleet_residency_and_traffic(service: Any) -> None:
     assert (move["action"], move["version"], move["reason"]) == ("alias.set", 1, "first release")
     assert "beta@1" in state["residency"]["resident"]
     beta = next(v for v in state["traffic"]["versions"] if v["model"] == "beta@1")
-    assert beta["last_minute"]["requests"] == 2
+    assert state["traffic"]["recent"]["beta@1"]["requests"] == 2
     assert max(beta["requests_per_s"]) > 0 and beta["p95_s"][-1] is not None
+    only = service.admin("/admin/dashboard?adapter=ALP&series=1").json()["traffic"]
+    assert only["versions"] == [] and only["matching"] == 0  # alpha has had no traffic yet
+    assert service.admin("/admin/dashboard?series=0").status_code == 422
     assert state["server"]["engine"] == "hf"
     assert set(state["drift"]["thresholds"]) >= {"prompt_length", "prompt_tokens"}
 

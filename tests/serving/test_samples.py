@@ -37,9 +37,36 @@ def test_rates_errors_tokens_and_percentiles_per_step() -> None:
     assert a["prompt_tokens_per_s"][4] == 6.0 and a["completion_tokens_per_s"][4] == 4.0
     assert b["requests_per_s"][-1] == 0.5  # 1 request in the 2 s elapsed of this step
     # the last minute is the whole 30 s window here: 11 requests in 5 * 5 + 2 s
-    assert a["last_minute"]["requests"] == 11
-    assert a["last_minute"]["requests_per_s"] == round(11 / 27, 4)
-    assert a["last_minute"]["error_rate"] == round(1 / 11, 4)
+    minute = series["recent"]["a@1"]
+    assert minute["requests"] == 11 and minute["requests_per_s"] == round(11 / 27, 4)
+    assert minute["error_rate"] == round(1 / 11, 4)
+    assert minute["p95_s"] == pytest.approx(0.955)
+    assert series["recent"]["b@2"]["requests"] == 1 and series["matching"] == 2
+
+
+def test_charts_are_limited_to_the_busiest_matching_versions() -> None:
+    clock = Clock(1000.0)
+    traffic = Traffic(step_s=5.0, window_s=30.0, clock=clock)
+    for n, adapter in enumerate(["quiet", "busy", "middle", "other"]):
+        for _ in range((n * 7) % 5 + 1):  # quiet 1, busy 3, middle 5, other 2
+            traffic.record(adapter, "1", seconds=0.1)
+    drawn = traffic.series(limit=2)
+    assert [v["model"] for v in drawn["versions"]] == ["busy@1", "middle@1"]  # by name
+    assert drawn["matching"] == 4 and len(drawn["recent"]) == 4  # the table: every version
+    some = traffic.series(lambda name: "i" in name, limit=5)
+    assert [v["model"] for v in some["versions"]] == ["middle@1", "quiet@1"]
+    assert some["matching"] == 2
+
+
+def test_an_ended_steps_percentiles_are_computed_once() -> None:
+    clock = Clock(1000.0)
+    traffic = Traffic(step_s=5.0, window_s=30.0, clock=clock)
+    traffic.record("a", "1", seconds=0.5)
+    traffic.series()
+    assert traffic._buckets[("a", "1")][200].quantiles is None  # the step is still running
+    clock.now = 1005.0
+    traffic.series()
+    assert traffic._buckets[("a", "1")][200].quantiles == [0.5, 0.5, 0.5]
 
 
 def test_old_steps_leave_the_window() -> None:
@@ -47,7 +74,8 @@ def test_old_steps_leave_the_window() -> None:
     traffic = Traffic(step_s=5.0, window_s=30.0, clock=clock)
     traffic.record("a", "1", seconds=0.1)
     clock.now = 1031.0
-    assert traffic.series()["versions"] == []  # out of the window: the version is gone
+    gone = traffic.series()
+    assert gone["versions"] == [] and gone["recent"] == {}  # out of the window
     traffic.record("a", "1", seconds=0.2)
     assert traffic._buckets[("a", "1")].keys() == {206}  # the old bucket was dropped
 

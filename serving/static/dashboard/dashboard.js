@@ -31,7 +31,7 @@ const state = {
   lastGood: null,
   colors: new Map(),
   driftBlocks: new Map(),
-  detailModel: null,
+  polls: 0,
 };
 
 class DashboardError extends Error {
@@ -159,21 +159,27 @@ function setStatus(text, live) {
   status.className = live === undefined ? "" : live ? "live" : "stale";
 }
 
+// One polling loop: each call supersedes the one before (a key entered, an action done, the
+// filter changed); an answer that arrives after a newer call started is dropped.
 async function poll() {
   clearTimeout(state.timer);
   state.timer = null;
+  const mine = ++state.polls;
   if (!state.key) {
     setStatus("Enter the server's admin key (--api-key).");
     return;
   }
   try {
-    const data = await api("admin/dashboard");
+    const filter = $("filter").value.trim();
+    const data = await api(`admin/dashboard?adapter=${encodeURIComponent(filter)}`);
+    if (mine !== state.polls) return;
     state.data = data;
     state.lastGood = new Date();
     clearError();
     render(data);
     setStatus(`Live · updated ${state.lastGood.toLocaleTimeString()}`, true);
   } catch (err) {
+    if (mine !== state.polls) return;
     showError(err);
     const last = state.lastGood ? state.lastGood.toLocaleTimeString() : "never";
     setStatus(`${err.title} · last update ${last}`, false);
@@ -245,7 +251,7 @@ function renderFleet(data) {
     replace($("fleet"), el("p", { className: "empty", text }));
     return;
   }
-  const traffic = new Map(data.traffic.versions.map((v) => [v.model, v.last_minute]));
+  const recent = data.traffic.recent;
   const head = el("thead", {}, el("tr", {},
     ["Version", "State", "Aliases", "Residency", "Created", "Origin", "Req/s (1 min)",
       "p95 s (1 min)", "Errors (1 min)"].map((t) => el("th", { scope: "col", text: t }))));
@@ -256,7 +262,7 @@ function renderFleet(data) {
       el("span", { className: "meta", text: moveText(adapter.last_move) })));
     const rows = adapter.versions.slice().reverse().map((v) => {
       const key = `${adapter.name}@${v.version}`;
-      const recent = traffic.get(key);
+      const minute = recent[key];
       const origin = v.job_id
         ? `job ${v.job_id} (${v.trigger}) from v${v.parent_version}`
         : v.actor;
@@ -271,11 +277,11 @@ function renderFleet(data) {
       el("td", { className: "residency" }, residencyOf(data.residency, key)),
       el("td", { text: clock(v.created_at) }),
       el("td", { text: origin }),
-      el("td", { className: "num rate", text: recent ? fixed(recent.requests_per_s, 2) : "0.00" }),
-      el("td", { className: "num", text: recent ? fixed(recent.p95_s, 3) : "–" }),
+      el("td", { className: "num rate", text: minute ? fixed(minute.requests_per_s, 2) : "0.00" }),
+      el("td", { className: "num", text: minute ? fixed(minute.p95_s, 3) : "–" }),
       el("td", {
-        className: `num${recent && recent.error_rate ? " bad" : ""}`,
-        text: recent ? percent(recent.error_rate) : "–",
+        className: `num${minute && minute.error_rate ? " bad" : ""}`,
+        text: minute ? percent(minute.error_rate) : "–",
       }));
     });
     return el("tbody", { "data-adapter": adapter.name }, title, rows);
@@ -328,7 +334,11 @@ function renderActionChoices(adapters) {
 }
 
 function renderTraffic(traffic) {
-  const versions = traffic.versions.filter((v) => shown(v.adapter));
+  const versions = traffic.versions;
+  $("traffic-note").textContent = traffic.matching > versions.length
+    ? ` Drawn: the ${versions.length} busiest of ${traffic.matching} versions; the filter ` +
+      "above narrows them."
+    : "";
   replace($("legend"), versions.map((v) => {
     const item = el("li", { text: v.model });
     item.style.setProperty("--swatch", colorOf(v.model)); // CSSOM: allowed by the CSP
@@ -356,7 +366,10 @@ function renderDrift(drift, nowS) {
     return;
   }
   const now = new Map(drift.now.map((v) => [`${v.adapter}@${v.version}`, v]));
-  const history = drift.history.filter((h) => h.adapter !== "base" && shown(h.adapter));
+  const history = drift.history;
+  $("drift-note").textContent = drift.matching > history.length
+    ? ` Drawn: ${history.length} of ${drift.matching} versions, drifted ones first.`
+    : "";
   if (!history.length) {
     replace(container, el("p", { className: "empty", text: "No version has drift samples yet." }));
     state.driftBlocks.clear();
@@ -660,7 +673,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("act-kind").addEventListener("change", showKindFields);
   for (const type of ["input", "change"]) {
     $("filter").addEventListener(type, () => {
-      if (state.data) render(state.data);
+      if (state.data) render(state.data); // the fleet table at once, the charts on the answer
+      poll();
     });
   }
   $("act-adapter").addEventListener("change", () => {
