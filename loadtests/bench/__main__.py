@@ -9,6 +9,8 @@ Groups (all by default, in this order):
   scale       B5 1000 registered / 100 active adapters, M1 server memory per adapter
   tuning      B7 `lorafleet tune` / Trainer + peft tokens/s, M1t peak RSS of both
   drift       B9 drift statistics on / off (HTTP, B1 mixed load, two servers side by side)
+  dashboard   B10 the dashboard's traffic series: every version cold / steady poll,
+              B11 its fleet snapshot of 1000 adapters and 100,000 events (ms)
 
 Prints a table of ratios and writes loadtests/results/<timestamp>.json and PNG plots beside
 it. Each figure carries its setup and every repeat's value (median and min-max printed).
@@ -28,7 +30,7 @@ from pathlib import Path
 from loadtests.bench.common import RESULTS, Figure, Setup, build_base, make_adapters, register
 from loadtests.bench.throughput import Sweeps
 
-GROUPS = ("throughput", "swap", "engines", "scale", "tuning", "drift")
+GROUPS = ("throughput", "swap", "engines", "scale", "tuning", "drift", "dashboard")
 
 
 def main() -> None:
@@ -94,6 +96,10 @@ def main() -> None:
             from loadtests.bench.drift import drift_figure
 
             show([drift_figure(work, base, home, setup)])
+        if "dashboard" in groups:
+            from loadtests.bench.dashboard import dashboard_figures
+
+            show(dashboard_figures(work, base, setup))
 
     took = time.perf_counter() - started
     print(f"\n{'':3} {'ratio':>6}  (bench took {took / 60:.1f} min)")
