@@ -100,6 +100,8 @@ class Traffic:
         times = [s * self.step_s for s in range(first, last + 1)]
         elapsed = [self.step_s] * (len(times) - 1) + [max(now - last * self.step_s, 1.0)]
         with self._lock:
+            for key in [k for k, b in self._buckets.items() if max(b) < first]:
+                del self._buckets[key]  # a version without a request in the window
             copied = {
                 key: {s: b for s, b in buckets.items() if s >= first}
                 for key, buckets in self._buckets.items()

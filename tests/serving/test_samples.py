@@ -76,6 +76,7 @@ def test_old_steps_leave_the_window() -> None:
     clock.now = 1031.0
     gone = traffic.series()
     assert gone["versions"] == [] and gone["recent"] == {}  # out of the window
+    assert traffic._buckets == {}  # and out of memory
     traffic.record("a", "1", seconds=0.2)
     assert traffic._buckets[("a", "1")].keys() == {206}  # the old bucket was dropped
 
