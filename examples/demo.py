@@ -310,10 +310,9 @@ def dashboard_phase(http: httpx.Client) -> None:
     for adapter in state["fleet"]["adapters"]:
         aliases = ", ".join(f"{a} -> v{h['version']}" for a, h in adapter["aliases"].items())
         print(f"   {adapter['name']:<10} {len(adapter['versions'])} versions; {aliases}")
-    for version in state["traffic"]["versions"]:
-        recent = version["last_minute"]
+    for model, recent in sorted(state["traffic"]["recent"].items()):
         p95 = "-" if recent["p95_s"] is None else f"{recent['p95_s']:.3f} s"
-        print(f"   {version['model']:<12} last minute: {recent['requests']:>4} requests, p95 {p95}")
+        print(f"   {model:<12} last minute: {recent['requests']:>4} requests, p95 {p95}")
     for job in state["fleet"]["jobs"]:
         verdict = (job["canary_verdict"] or {}).get("reason", "no verdict")
         print(f"   job {job['id']} ({job['trigger']}): {job['state']}, v{job['version']}, "
