@@ -26,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,34 @@ def one_adapter_home(
 def alpha_registry() -> Callable[..., dict[str, Path]]:
     """alpha_registry(home, base, adapter_factory): see `one_adapter_home`."""
     return one_adapter_home
+
+
+def sentiment_profiled(base: Path, src: Path, dst: Path) -> Path:
+    """A copy of adapter `src` at `dst` with a drift profile (profile.json) of the sentiment
+    task's train rows as `base` tokenizes them, as `lorafleet tune` writes one. Register it
+    with metadata={"drift_profile": "profile.json"}."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from registry.profile import build_profile
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    lines = (EXAMPLES / "data" / "sentiment" / "train.jsonl").read_text().splitlines()
+    train = [json.loads(line) for line in lines]
+    build_profile(
+        [tok(r["prompt"])["input_ids"] for r in train],
+        vocab_size=len(tok),
+        completion_lengths=[len(tok(r["completion"])["input_ids"]) + 1 for r in train],
+    ).save(dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def profiled_copy() -> Callable[[Path, Path, Path], Path]:
+    """profiled_copy(base, src, dst): see `sentiment_profiled`."""
+    return sentiment_profiled
 
 
 @pytest.fixture

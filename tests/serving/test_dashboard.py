@@ -8,9 +8,7 @@ overrides the folder); the README shows a copy of it.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -20,9 +18,7 @@ from typing import Any
 import pytest
 
 from registry import Registry, jobs
-from registry.profile import build_profile
 
-DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 ARTIFACTS = Path(os.environ.get("LORAFLEET_ARTIFACTS", Path(__file__).parents[1] / "artifacts"))
 PROMPT = "Review: the soup was cold and the waiter rude.\nSentiment:"
 WAIT_S = 30.0
@@ -35,21 +31,11 @@ def service(
     tiny_base: Path,
     adapter_factory: Callable[..., Path],
     serve: Callable[..., AbstractContextManager[Any]],
+    profiled_copy: Callable[[Path, Path, Path], Path],
 ) -> Iterator[Any]:
     """alpha@1 (production, with a drift profile), alpha@2 (no alias), beta@1 (production)."""
-    from transformers import AutoTokenizer
-
     tmp = tmp_path_factory.mktemp("dashboard")
-    alpha = tmp / "alpha"
-    shutil.copytree(adapter_factory(tiny_base, rank=4, seed=41), alpha)
-    tok = AutoTokenizer.from_pretrained(str(tiny_base))
-    lines = (DATA / "sentiment" / "train.jsonl").read_text().splitlines()
-    train = [json.loads(line) for line in lines]
-    build_profile(
-        [tok(r["prompt"])["input_ids"] for r in train],
-        vocab_size=len(tok),
-        completion_lengths=[len(tok(r["completion"])["input_ids"]) + 1 for r in train],
-    ).save(alpha)
+    alpha = profiled_copy(tiny_base, adapter_factory(tiny_base, rank=4, seed=41), tmp / "alpha")
     registry = Registry.create(tmp / "home", tiny_base, actor="tests")
     registry.register("alpha", alpha, metadata={"drift_profile": "profile.json"})
     registry.promote("alpha", 1, reason="first release")
@@ -201,13 +187,10 @@ def test_drift_plots_are_the_drift_report_pngs(service: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        message = "Debian's chromium and chromium-driver are not installed (.ci/run installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+def browser(
+    tmp_path_factory: pytest.TempPathFactory, require_binary: Callable[[str], str]
+) -> Iterator[Any]:
+    chromium, driver = require_binary("chromium"), require_binary("chromedriver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
 

@@ -251,25 +251,14 @@ def drift_service(
     tiny_base: Path,
     adapter_factory: Callable[..., Path],
     serve: Callable[..., AbstractContextManager[Service]],
+    profiled_copy: Callable[[Path, Path, Path], Path],
 ) -> Iterator[Service]:
     """`lorafleet serve` with `senti` version 1 registered with a profile of the sentiment
     task's train prompts; windows of 50 requests, scored from 50, feedback from 3."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
     from registry import Registry
 
     tmp = tmp_path_factory.mktemp("drift")
-    adapter = tmp / "senti"
-    shutil.copytree(adapter_factory(tiny_base, rank=4, seed=31), adapter)
-    tok = AutoTokenizer.from_pretrained(str(tiny_base))
-    train = rows("sentiment", "train")
-    build_profile(
-        [tok(r["prompt"])["input_ids"] for r in train],
-        vocab_size=len(tok),
-        completion_lengths=[len(tok(r["completion"])["input_ids"]) + 1 for r in train],
-    ).save(adapter)
+    adapter = profiled_copy(tiny_base, adapter_factory(tiny_base, rank=4, seed=31), tmp / "senti")
     registry = Registry.create(tmp / "home", tiny_base)
     registry.register("senti", adapter, metadata={"drift_profile": "profile.json"})
     registry.promote("senti", 1)
