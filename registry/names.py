@@ -51,6 +51,12 @@ class ModelRef:
         return f"{self.adapter}:{self.alias}"
 
 
+def version_model(adapter: str, version: int | str) -> str:
+    """The `model` that names one version: NAME@VERSION, or `base` for the base model (the
+    ("base", 0) of metric labels)."""
+    return BASE_MODEL if adapter == BASE_MODEL else f"{adapter}@{version}"
+
+
 def parse_model_ref(text: str) -> ModelRef:
     """Parse ``base | NAME | NAME:ALIAS | NAME@VERSION``; raise InvalidName with the grammar."""
     grammar = "use 'base', 'NAME', 'NAME:ALIAS' or 'NAME@VERSION'"

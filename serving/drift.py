@@ -76,6 +76,7 @@ import numpy as np
 
 from registry import Registry
 from registry.errors import LorafleetError
+from registry.names import version_model
 from registry.profile import BaselineProfile
 from serving.drift_signals import (
     DEFAULT_THRESHOLDS,
@@ -233,7 +234,7 @@ class Drift:
         return {
             "adapter": adapter,
             "version": int(version),
-            "model": "base" if adapter == "base" else f"{adapter}@{version}",
+            "model": version_model(adapter, version),
             "baseline": signals["prompt_length"].baseline is not None,
             "samples": signals["prompt_length"].samples,
             "feedback_samples": signals["feedback"].samples,

@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from registry.names import version_model
+from serving.drift import Key
+
 logger = logging.getLogger(__name__)
 STEP_S = 5.0  # one point per step
 WINDOW_S = 900.0  # the last 15 minutes
 MAX_LATENCIES = 512  # latencies kept per version and step
 SERIES_LIMIT = 8  # versions drawn: the busiest (the table lists every version's last minute)
 QUANTILES = (0.5, 0.95, 0.99)
-Key = tuple[str, str]  # (adapter, version); ("base", "0") for the base model
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Traffic:
         for (adapter, version), buckets in copied.items():
             if not buckets:
                 continue
-            model = "base" if adapter == "base" else f"{adapter}@{version}"
+            model = version_model(adapter, version)
             tail = [
                 (buckets.get(s), sec)
                 for s, sec in zip(
@@ -163,7 +165,7 @@ def _version_series(
     return {
         "adapter": adapter,
         "version": version,
-        "model": "base" if adapter == "base" else f"{adapter}@{version}",
+        "model": version_model(adapter, version),
         "requests_per_s": rate(lambda b: b.requests),
         "error_rate": [round(b.errors / b.requests, 4) if b else None for b, _, _ in rows],
         **{
@@ -248,7 +250,7 @@ class DriftHistory:
                 {
                     "adapter": adapter,
                     "version": version,
-                    "model": "base" if adapter == "base" else f"{adapter}@{version}",
+                    "model": version_model(adapter, version),
                     "times": [round(t, 3) for t, _ in points],
                     "scores": {n: [scores.get(n) for _, scores in points] for n in signals},
                 }
