@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from registry.fleet import fleet_snapshot
 from serving.access import require_admin
-from serving.drift_report import plot_signal
+from serving.drift_report import KINDS, TITLES, plot_signal
 from serving.samples import SERIES_LIMIT
 from serving.schemas import PinRequest
 from serving.server import Server
@@ -110,6 +110,7 @@ async def state(
         "drift": {
             "enabled": server.drift.settings.enabled,
             "thresholds": dict(server.drift.settings.thresholds),
+            "titles": {name: f"{TITLES[name]}: {KINDS[name]}" for name in TITLES},
             "now": drift_now,
             "matching": len(tracked),
             "history": server.drift_history.series(drawn),

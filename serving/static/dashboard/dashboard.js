@@ -16,13 +16,6 @@ const TRAFFIC_CHARTS = [
   ["completion_tokens_per_s", "Generated tokens / s", (v) => fixed(v, 1)],
   ["error_rate", "Error rate", (v) => percent(v)],
 ];
-const SIGNAL_TITLES = {
-  prompt_length: "Prompt length (PSI)",
-  completion_length: "Completion length (PSI)",
-  prompt_tokens: "Prompt tokens (JS distance)",
-  length_stop_share: "Stopped by length (share)",
-  feedback: "Negative feedback (share)",
-};
 
 const state = {
   key: sessionStorage.getItem(KEY_STORE) || "",
@@ -400,7 +393,7 @@ function renderDrift(drift, nowS) {
     block.summary.className = drifted.length ? "bad" : "note";
     replace(block.charts, Object.keys(drift.thresholds).map((signal) => chart({
       id: `drift-${h.model}-${signal}`,
-      title: SIGNAL_TITLES[signal] || signal,
+      title: drift.titles[signal] || signal,
       times: h.times,
       lines: [{ model: h.model, values: h.scores[signal] || h.times.map(() => null) }],
       threshold: drift.thresholds[signal],
@@ -431,7 +424,7 @@ async function showDriftDetail(model, button) {
     const report = await api(`admin/dashboard/drift?model=${encodeURIComponent(model)}`);
     const images = Object.entries(report.plots).map(([signal, uri]) => el("img", {
       src: uri,
-      alt: `${SIGNAL_TITLES[signal] || signal} of ${model}: baseline vs live, score ` +
+      alt: `${state.data.drift.titles[signal] || signal} of ${model}: baseline vs live, score ` +
         `${fixed(report.signals[signal].score, 3)}, threshold ${report.signals[signal].threshold}`,
     }));
     replace(detail, el("h3", {
