@@ -9,11 +9,15 @@ import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from serving.server import Server
 
 ADMIN_PREFIX = "/admin"
 ACTOR_HEADER = "X-Lorafleet-Actor"  # who an admin call acts for, in the history
@@ -40,10 +44,16 @@ def bearer_matches(authorization: str, key: str | None) -> bool:
     return hmac.compare_digest(token.encode(), key.encode())
 
 
+def server_of(request: Request) -> Server:
+    """The Server a route works on (set on the app by serving/service.py)."""
+    server: Server = request.app.state.server
+    return server
+
+
 def require_admin(request: Request) -> str:
     """The actor of an admin call; Unauthorized (401) unless the bearer token equals the
     server's admin key (checked again here: a route must not rely on the middleware alone)."""
-    key = request.app.state.server.config.api_key
+    key = server_of(request).config.api_key
     if not bearer_matches(request.headers.get("authorization", ""), key):
         raise Unauthorized()
     return "api:" + request.headers.get(ACTOR_HEADER, "admin")

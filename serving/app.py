@@ -27,7 +27,7 @@ from registry.errors import (
 )
 from registry.names import parse_model_ref
 from registry.verdicts import Verdict
-from serving.access import ADMIN_REFUSAL, KeyCheck, Keys, require_admin
+from serving.access import ADMIN_REFUSAL, KeyCheck, Keys, require_admin, server_of
 from serving.alerts import receive_notification
 from serving.dashboard import router as dashboard_router
 from serving.errors import (
@@ -86,11 +86,6 @@ def _keys() -> Keys:
 
 app.add_middleware(KeyCheck, keys=_keys)  # outermost: 401 before limits, routing or body
 app.include_router(dashboard_router)  # /dashboard and its /admin/dashboard data
-
-
-def server_of(request: Request) -> Server:
-    server: Server = request.app.state.server
-    return server
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:

@@ -21,11 +21,10 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from registry.fleet import fleet_snapshot
-from serving.access import require_admin
+from serving.access import require_admin, server_of
 from serving.drift_report import KINDS, TITLES, plot_signal
 from serving.samples import SERIES_LIMIT
 from serving.schemas import PinRequest
-from serving.server import Server
 
 router = APIRouter()
 STATIC = resources.files("serving") / "static" / "dashboard"
@@ -57,11 +56,6 @@ async def asset(asset: str) -> Response:
     return Response((STATIC / asset).read_bytes(), media_type=ASSETS[asset], headers=HEADERS)
 
 
-def _server(request: Request) -> Server:
-    server: Server = request.app.state.server
-    return server
-
-
 @router.get("/admin/dashboard")
 async def state(
     request: Request,
@@ -73,7 +67,7 @@ async def state(
     Charts are drawn for at most `series` versions whose adapter name contains `adapter`:
     the busiest for traffic, drifted then most sampled for drift."""
     require_admin(request)
-    server = _server(request)
+    server = server_of(request)
     needle = adapter.lower()
 
     def match(name: str) -> bool:
@@ -125,7 +119,7 @@ async def drift_plots(request: Request, model: str) -> dict[str, Any]:
     """One version's drift report (as `GET /admin/drift?model=`) with each signal's plot of
     baseline vs live, the PNGs of `lorafleet drift report`, as data: URIs."""
     require_admin(request)
-    server = _server(request)
+    server = server_of(request)
     adapter, version = server.drift_key(model)
     report = server.spell_tokens(await asyncio.to_thread(server.drift.report, adapter, version))
 
@@ -152,7 +146,7 @@ async def _pin(request: Request, body: PinRequest, pinned: bool) -> dict[str, An
     """Set the adapter's `pinned` setting (every server sharing the registry follows it) and
     apply it here before answering."""
     actor = require_admin(request)
-    server = _server(request)
+    server = server_of(request)
     await asyncio.to_thread(
         server.registry.pin, body.adapter, pinned, actor=actor, reason=body.reason
     )
