@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Any
 
 from registry.database import Database
-from registry.history import ALIAS_ACTIONS, LOOP_ACTIONS, PIN_ACTIONS
+from registry.history import SHOWN_ACTIONS
 from registry.jobs import JobRecord
 from registry.records import Event
 
@@ -26,8 +26,7 @@ EVENT_FIELDS = [f.name for f in fields(Event)]
 def fleet_snapshot(db: Database, *, events: int = 50, jobs: int = 50) -> dict[str, Any]:
     """Revision, adapters (versions, aliases, pinned, last promote/rollback), the newest
     `events` history entries and `jobs` jobs (each with its canary verdict, if any)."""
-    shown = (*ALIAS_ACTIONS, *LOOP_ACTIONS, *PIN_ACTIONS)
-    marks = ", ".join("?" * len(shown))
+    marks = ", ".join("?" * len(SHOWN_ACTIONS))
     with db.snapshot() as conn:
         revision = int(conn.execute("SELECT revision FROM registry").fetchone()[0])
         adapters: dict[str, dict[str, Any]] = {}
@@ -75,9 +74,12 @@ def fleet_snapshot(db: Database, *, events: int = 50, jobs: int = 50) -> dict[st
             _event(r)
             for r in conn.execute(
                 f"SELECT * FROM events WHERE action IN ({marks}) ORDER BY id DESC LIMIT ?",
-                (*shown, events),
+                (*SHOWN_ACTIONS, events),
             )
         ]
+        job_rows = conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (jobs,)).fetchall()
+        # the verdicts on the listed jobs' versions only (the newest wins, as in the history)
+        judged = sorted({r["adapter"] for r in job_rows if r["version"] is not None})
         verdicts = {
             (r["adapter"], r["version"]): {
                 "at": r["at"],
@@ -85,10 +87,11 @@ def fleet_snapshot(db: Database, *, events: int = 50, jobs: int = 50) -> dict[st
                 "reason": r["reason"],
             }
             for r in conn.execute(
-                "SELECT * FROM events WHERE action = 'canary.verdict' ORDER BY id"
+                f"SELECT * FROM events WHERE action = 'canary.verdict' AND adapter IN"
+                f" ({', '.join('?' * len(judged))}) ORDER BY id",
+                judged,
             )
         }
-        job_rows = conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (jobs,)).fetchall()
     listed = []
     for row in job_rows:
         job = JobRecord.from_row(row).to_dict()

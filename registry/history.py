@@ -27,6 +27,8 @@ LOOP_ACTIONS = (
 )
 # An operator keeping an adapter resident (or letting it go), shown with the alias moves.
 PIN_ACTIONS = ("adapter.pin", "adapter.unpin")
+# What `history` shows unless asked for every write.
+SHOWN_ACTIONS = (*ALIAS_ACTIONS, *LOOP_ACTIONS, *PIN_ACTIONS)
 
 
 def utc_now() -> str:
@@ -110,9 +112,8 @@ def list_events(
     where: list[str] = []
     params: list[Any] = []
     if not all_events:
-        shown = (*ALIAS_ACTIONS, *LOOP_ACTIONS, *PIN_ACTIONS)
-        where.append(f"action IN ({', '.join('?' * len(shown))})")
-        params += shown
+        where.append(f"action IN ({', '.join('?' * len(SHOWN_ACTIONS))})")
+        params += SHOWN_ACTIONS
     if adapter is not None:
         where.append("adapter = ?")
         params.append(adapter)

@@ -292,11 +292,19 @@ class Registry:
         actor: str | None = None,
         reason: str = "",
         reset: bool = False,
+        action: str = "settings",
     ) -> AdapterSettings:
-        """Change some settings of a registered adapter (one transaction, revision bumped)."""
+        """Change some settings of a registered adapter (one transaction, revision bumped,
+        recorded as `action`)."""
         self.list_versions(adapter)  # NotFound naming the registered adapters
         return settings.update_settings(
-            self.db, adapter, changes, actor=actor or default_actor(), reason=reason, reset=reset
+            self.db,
+            adapter,
+            changes,
+            actor=actor or default_actor(),
+            reason=reason,
+            reset=reset,
+            action=action,
         )
 
     def pin(
@@ -304,14 +312,9 @@ class Registry:
     ) -> AdapterSettings:
         """Keep `adapter`'s production and canary versions resident in every server (or stop
         keeping them): its `pinned` setting, recorded as adapter.pin / adapter.unpin."""
-        self.list_versions(adapter)
-        return settings.update_settings(
-            self.db,
-            adapter,
-            {"pinned": pinned},
-            actor=actor or default_actor(),
-            reason=reason,
-            action="adapter.pin" if pinned else "adapter.unpin",
+        action = "adapter.pin" if pinned else "adapter.unpin"
+        return self.update_settings(
+            adapter, {"pinned": pinned}, actor=actor, reason=reason, action=action
         )
 
     @property
