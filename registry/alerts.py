@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from registry.database import Database, Transaction
 from registry.history import insert_event, utc_now
-from registry.jobs import JobRecord, queue_in
+from registry.jobs import JobRecord, get_in, queue_in
 from registry.settings import get_settings
 
 Outcome = Literal["queued", "duplicate", "cooldown", "ignored"]
@@ -93,7 +93,7 @@ def receive_alert(
             )
             job_id, detail = job.id, f"job {job.id}"
         elif job_id is not None:
-            job = _job(txn, job_id)
+            job = get_in(txn, job_id)
         txn.execute(
             "UPDATE events SET job = ?, reason = ? WHERE id = ?",
             (job_id, f"{alertname} {fingerprint} {_describe(labels)}: {outcome} ({detail})", event),
@@ -143,10 +143,6 @@ def _decide(
     if queued is not None:
         return "duplicate", f"job {queued['id']} was already queued", int(queued["id"])
     return "queued", "", None
-
-
-def _job(txn: Transaction, job_id: int) -> JobRecord:
-    return JobRecord.from_row(txn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
 def _describe(labels: dict[str, str]) -> str:

@@ -97,7 +97,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _get(txn: Transaction, job_id: int) -> JobRecord:
+def get_in(txn: Transaction, job_id: int) -> JobRecord:
+    """One job read inside an open transaction; NotFound naming where to look."""
     row = txn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise NotFound(f"no job {job_id}; `lorafleet jobs list` shows the jobs")
@@ -146,7 +147,7 @@ def queue_in(
         adapter=adapter,
         job=cur.lastrowid,
     )
-    return _get(txn, cur.lastrowid), True
+    return get_in(txn, cur.lastrowid), True
 
 
 def queue_job(
@@ -212,7 +213,7 @@ def claim_job(
     with db.write("claim job") as txn:
         reap_stale(txn, actor=actor)
         if job_id is not None:
-            job = _get(txn, job_id)
+            job = get_in(txn, job_id)
             if job.state != "queued":
                 raise JobStateError(
                     f"job {job_id} is {job.state}, not queued; only queued jobs run "
@@ -249,11 +250,11 @@ def claim_job(
             adapter=job.adapter,
             job=job.id,
         )
-        return _get(txn, job.id)
+        return get_in(txn, job.id)
 
 
 def _running(txn: Transaction, job_id: int, worker: str) -> JobRecord:
-    job = _get(txn, job_id)
+    job = get_in(txn, job_id)
     if job.state != "running" or job.worker != worker:
         raise JobStateError(
             f"job {job_id} is {job.state} (worker {job.worker}), no longer running on {worker}; "
@@ -315,7 +316,7 @@ def finish_job(
             weight, reason = canary
             set_in(txn, job.adapter, CANARY_ALIAS, version, weight=weight, actor=actor,
                    reason=reason)
-        return _get(txn, job_id)
+        return get_in(txn, job_id)
 
 
 def get_job(db: Database, job_id: int) -> JobRecord:

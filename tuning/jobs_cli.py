@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import Any, get_args
 
 from registry import Registry
 from registry.arguments import emit, registry_options
 from registry.jobs import (
     JobRecord,
+    JobState,
     claim_job,
     get_job,
     list_jobs,
@@ -43,7 +44,7 @@ exit codes:
      retrain_overrides, an error while training
   2  usage or registry error (one line on stderr)"""
 
-STATES = ("queued", "running", "succeeded", "failed")
+STATES = get_args(JobState)
 
 
 def add_jobs_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -202,17 +203,15 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 
 
 def _quiet() -> None:
-    """Only the per-job lines: no progress bars, no library chatter, warnings and errors
-    of lorafleet's own loggers still on stderr."""
+    """Only the per-job lines: no library chatter (the run turns progress bars off itself),
+    warnings and errors of lorafleet's own loggers still on stderr."""
     import datasets
     from transformers.utils import logging as hf_logging
 
     for name in ("tuning", "registry"):
         logging.getLogger(name).setLevel(logging.WARNING)
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()  # progress bars: off in every retraining run
 
 
 def cmd_run(args: argparse.Namespace) -> int:
