@@ -185,6 +185,48 @@ def _fingerprint(examples: Sequence[Example]) -> str:
     return digest.hexdigest()
 
 
+def load_tokenizer(base: Path) -> Any:
+    """The base's tokenizer as a tuning run uses it (pad = eos where it has no pad)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _read_examples(
+    paths: list[Path], config: DataConfig, tokenizer: Any, report: DataReport
+) -> list[Example]:
+    """Read, check, dedupe, tokenize and filter the rows of `paths`, counting in `report`."""
+    seen: set[str] = set()
+    out: list[Example] = []
+    for path in paths:
+        report.files[str(path)] = sha256_file(path)
+        for location, row in _load_rows(path):
+            report.rows += 1
+            _check_row(location, row, config.format)
+            key = json.dumps(row, sort_keys=True, default=str)
+            if config.dedupe and key in seen:
+                report.duplicates += 1
+                continue
+            seen.add(key)
+            example = tokenize(row, config.format, tokenizer)
+            if len(example.input_ids) > config.max_length:
+                report.too_long += 1
+                continue
+            out.append(example)
+    return out
+
+
+def load_eval_examples(config: DataConfig, tokenizer: Any) -> list[Example]:
+    """The examples of `config.eval` alone, read as `load_examples` reads them (the training
+    files are not read)."""
+    if not config.eval:
+        raise DataError("data.eval names no file; this needs explicit eval files")
+    return _read_examples(config.eval, config, tokenizer, DataReport())
+
+
 def load_examples(
     config: DataConfig, tokenizer: Any
 ) -> tuple[list[Example], list[Example], DataReport]:
@@ -192,24 +234,7 @@ def load_examples(
     report = DataReport()
 
     def read(paths: list[Path]) -> list[Example]:
-        seen: set[str] = set()
-        out: list[Example] = []
-        for path in paths:
-            report.files[str(path)] = sha256_file(path)
-            for location, row in _load_rows(path):
-                report.rows += 1
-                _check_row(location, row, config.format)
-                key = json.dumps(row, sort_keys=True, default=str)
-                if config.dedupe and key in seen:
-                    report.duplicates += 1
-                    continue
-                seen.add(key)
-                example = tokenize(row, config.format, tokenizer)
-                if len(example.input_ids) > config.max_length:
-                    report.too_long += 1
-                    continue
-                out.append(example)
-        return out
+        return _read_examples(paths, config, tokenizer, report)
 
     train = read(config.train)
     if config.eval:

@@ -39,7 +39,14 @@ from registry.jobs import JobRecord, finish_job, heartbeat, worker_id
 from registry.records import METADATA_FILE
 from registry.settings import AdapterSettings
 from tuning.config import DataConfig, TuneConfig, load_config
-from tuning.data import LOADERS, load_examples, read_rows, tokenize
+from tuning.data import (
+    LOADERS,
+    load_eval_examples,
+    load_examples,
+    load_tokenizer,
+    read_rows,
+    tokenize,
+)
 from tuning.errors import RetrainError
 
 if TYPE_CHECKING:
@@ -270,7 +277,7 @@ def prepare(
         fit_files, held_out = _split_held_out(base, raw_data, train_files, out / "data")
     new_files = _new_files(settings, production.adapter)
     rows = corrections(registry.db, production.adapter, settings.corrections)
-    tokenizer = _tokenizer(base) if rows and fmt == "chat" else None
+    tokenizer = load_tokenizer(base) if rows and fmt == "chat" else None
     corrections_file, added = _write_corrections(
         rows, fmt, out / "data" / "corrections.jsonl", tokenizer
     )
@@ -327,7 +334,7 @@ def _split_held_out(
         data = DataConfig.model_validate({**raw_data, "train": train_files, "eval": []})
     except ValidationError as err:
         raise RetrainError(f"the production run's data config is invalid now: {err}") from err
-    tokenizer = _tokenizer(base)
+    tokenizer = load_tokenizer(base)
     _, held_out, _ = load_examples(data, tokenizer)
     held = {tuple(e.input_ids) for e in held_out}
     fit: list[dict[str, Any]] = []
@@ -395,18 +402,8 @@ def score_version(config: TuneConfig) -> dict[str, float]:
     from tuning.evaluation import score
     from tuning.train import build_model
 
-    tokenizer = _tokenizer(config.base)
-    _, held_out, _ = load_examples(config.data, tokenizer)
+    tokenizer = load_tokenizer(config.base)
+    held_out = load_eval_examples(config.data, tokenizer)  # a job's config names its eval
     model = build_model(config, config.base)
     scores = score(model, tokenizer, held_out, config.data, config.evaluation)
     return {k: float(scores[k]) for k in GATE_METRICS if k in scores}
-
-
-def _tokenizer(base: Path) -> Any:
-    """The base's tokenizer as a tuning run sets it up (pad = eos where it has no pad)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

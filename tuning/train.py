@@ -38,7 +38,7 @@ from tuning.checkpoints import (
     trainable_state,
 )
 from tuning.config import TrainingConfig, TuneConfig
-from tuning.data import DataReport, Example, batches, load_examples
+from tuning.data import DataReport, Example, batches, load_examples, load_tokenizer
 from tuning.errors import ConfigError, PackingUnsupported
 from tuning.evaluation import evaluate, mean_loss
 from tuning.plots import plot_losses
@@ -330,7 +330,6 @@ def ensure_base(config: TuneConfig) -> Path:
 def run(config: TuneConfig, *, source: str = "") -> RunResult:
     """Train, evaluate, write the adapter directory and (if configured) register it."""
     import datasets
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -352,9 +351,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         # Before training: a registry bound to another base refuses now, not after the run.
         Registry.create(config.registry.home, base).close()
     torch.manual_seed(config.training.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(base)
     train, held_out, report = load_examples(config.data, tokenizer)
     logger.info(
         "data: %d rows, %d duplicates and %d over max_length %d dropped; %d train, %d eval",
