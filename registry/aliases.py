@@ -54,7 +54,8 @@ def _write_alias(
     )
 
 
-def _current(txn: Transaction, adapter: str, alias: str) -> tuple[int | None, float | None]:
+def current_in(txn: Transaction, adapter: str, alias: str) -> tuple[int | None, float | None]:
+    """(version, weight) of an alias inside an open transaction; (None, None) if unset."""
     row = txn.execute(
         "SELECT version, weight FROM aliases WHERE adapter = ? AND alias = ?", (adapter, alias)
     ).fetchone()
@@ -100,7 +101,7 @@ def set_in(
 ) -> AliasMove:
     """`set_alias` inside an open transaction (names and weight already checked)."""
     require_active(txn, adapter, version, f"point {adapter}:{alias} at it")
-    previous, previous_weight = _current(txn, adapter, alias)
+    previous, previous_weight = current_in(txn, adapter, alias)
     if alias == CANARY_ALIAS and weight is None:
         weight = DEFAULT_CANARY_WEIGHT if previous is None else previous_weight
     if previous == version and previous_weight == weight:
@@ -140,7 +141,7 @@ def rollback_alias(db: Database, adapter: str, alias: str, *, actor: str, reason
         version, weight = target["version"], target["weight"]
         if version is not None:
             require_active(txn, adapter, version, f"roll {adapter}:{alias} back to it")
-        previous, _ = _current(txn, adapter, alias)
+        previous, _ = current_in(txn, adapter, alias)
         insert_event(
             txn,
             actor=actor,
@@ -171,7 +172,7 @@ def remove_alias(db: Database, adapter: str, alias: str, *, actor: str, reason: 
 
 def remove_in(txn: Transaction, adapter: str, alias: str, *, actor: str, reason: str) -> AliasMove:
     """`remove_alias` inside an open transaction."""
-    previous, _ = _current(txn, adapter, alias)
+    previous, _ = current_in(txn, adapter, alias)
     if previous is None:
         raise NotFound(f"adapter {adapter!r} has no alias {alias!r}")
     head = alias_head(txn, adapter, alias)

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from registry.aliases import remove_in, set_in
+from registry.aliases import current_in, remove_in, set_in
 from registry.database import Database
 from registry.errors import AliasConflict, NotFound
 from registry.faults import pause_point
@@ -58,16 +58,13 @@ def decide_canary(
     unless the canary still points at it."""
     check_name(adapter)
     with db.write(f"canary {verdict}") as txn:
-        row = txn.execute(
-            "SELECT version FROM aliases WHERE adapter = ? AND alias = ?", (adapter, CANARY_ALIAS)
-        ).fetchone()
-        if row is None:
+        canary, _ = current_in(txn, adapter, CANARY_ALIAS)
+        if canary is None:
             raise NotFound(
                 f"adapter {adapter!r} has no canary alias, so there is nothing to "
                 f"{'promote' if verdict == 'promoted' else 'roll back'}; set one with "
                 f"`lorafleet registry promote {adapter} VERSION --to canary --weight 0.1`"
             )
-        canary = int(row["version"])
         if version is not None and canary != version:
             raise AliasConflict(
                 f"{adapter}:canary now points at version {canary}, not {version}: another "
@@ -76,11 +73,9 @@ def decide_canary(
         meta = txn.execute(
             "SELECT metadata FROM versions WHERE adapter = ? AND version = ?", (adapter, canary)
         ).fetchone()
-        job = json.loads(meta["metadata"]).get("job_id") if meta else None
-        current = txn.execute(
-            "SELECT version FROM aliases WHERE adapter = ? AND alias = ?", (adapter, DEFAULT_ALIAS)
-        ).fetchone()
-        before = int(current["version"]) if current else None
+        job_id = json.loads(meta["metadata"]).get("job_id") if meta else None
+        job = job_id if isinstance(job_id, int) else None
+        before, _ = current_in(txn, adapter, DEFAULT_ALIAS)
         insert_event(
             txn,
             actor=actor,
@@ -89,7 +84,7 @@ def decide_canary(
             adapter=adapter,
             version=canary,
             alias=CANARY_ALIAS,
-            job=job if isinstance(job, int) else None,
+            job=job,
         )
         note = f"canary verdict on {adapter}@{canary}: {verdict.replace('_', ' ')}"
         after = before
@@ -106,6 +101,6 @@ def decide_canary(
             actor,
             before,
             after,
-            job if isinstance(job, int) else None,
+            job,
             txn.revision,
         )
