@@ -196,16 +196,20 @@ class Database:
         self._lock = threading.RLock()
         self._reader: sqlite3.Connection | None = None  # reads while another thread writes
         self._reader_lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        self._conn.row_factory = sqlite3.Row
+        self._conn = self._connect()
         with self._busy_errors("open"):
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(SCHEMA)
         self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        return conn
 
     def close(self) -> None:
         with self._lock, self._reader_lock:
@@ -241,38 +245,39 @@ class Database:
                 ) from err
             raise
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """Run a read-only statement and return all rows."""
-        if self._lock.acquire(blocking=False):  # free, or held by this thread's transaction
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for a read: the main one when it is free (or held by this thread's
+        transaction); else a second one beside it. Another thread may hold the main one for
+        a write waiting out another process's lock, and in WAL mode a writer never blocks
+        readers, so the server's poller, first loads of versions and the dashboard do not
+        wait for that write."""
+        if self._lock.acquire(blocking=False):
             try:
-                with self._busy_errors("a read"):
-                    return self._conn.execute(sql, params).fetchall()
+                yield self._conn
             finally:
                 self._lock.release()
-        # Another thread holds the connection, maybe for a write waiting out another
-        # process's lock: read beside it (in WAL mode a writer never blocks readers), so the
-        # server's poller and first loads of versions do not wait for that write.
-        with self._reader_lock, self._busy_errors("a read"):
+            return
+        with self._reader_lock:
             if self._reader is None:
-                self._reader = sqlite3.connect(
-                    self.path,
-                    timeout=self.busy_timeout_s,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-                self._reader.row_factory = sqlite3.Row
-            return self._reader.execute(sql, params).fetchall()
+                self._reader = self._connect()
+            yield self._reader
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run a read-only statement and return all rows."""
+        with self._reading() as conn, self._busy_errors("a read"):
+            return conn.execute(sql, params).fetchall()
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """Several reads that see one consistent state (a deferred read transaction)."""
-        with self._lock:
+        with self._reading() as conn:
             with self._busy_errors("a read"):
-                self._conn.execute("BEGIN")
+                conn.execute("BEGIN")
             try:
-                yield self._conn
+                yield conn
             finally:
-                self._conn.execute("COMMIT")
+                conn.execute("COMMIT")
 
     @contextmanager
     def write(self, what: str = "a write") -> Iterator[Transaction]:
