@@ -190,9 +190,11 @@ class Transaction:
 class Database:
     """One SQLite connection, shared by the threads of a process under a lock."""
 
-    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float | None = None) -> None:
+        """`busy_timeout_s`: how long a statement waits for another process's lock before
+        RegistryBusy (default $LORAFLEET_BUSY_TIMEOUT_S, else 30)."""
         self.path = path
-        self.busy_timeout_s = busy_timeout_s
+        self.busy_timeout_s = default_busy_timeout_s() if busy_timeout_s is None else busy_timeout_s
         self._lock = threading.RLock()
         self._reader: sqlite3.Connection | None = None  # reads while another thread writes
         self._reader_lock = threading.Lock()

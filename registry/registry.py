@@ -18,7 +18,7 @@ from typing import Any
 from registry import aliases, feedback, maintenance, settings
 from registry.artifacts import ArtifactStore, LocalArtifactStore
 from registry.basemodel import BaseModelInfo, inspect_base
-from registry.database import SCHEMA_VERSION, Database, Transaction, default_busy_timeout_s
+from registry.database import SCHEMA_VERSION, Database, Transaction
 from registry.errors import (
     AliasConflict,
     AlreadyInitialized,
@@ -71,8 +71,6 @@ class Registry:
         """`busy_timeout_s`: how long a statement waits for another process's lock before
         RegistryBusy (default $LORAFLEET_BUSY_TIMEOUT_S, else 30)."""
         self.home = Path(home).expanduser() if home else default_home()
-        if busy_timeout_s is None:
-            busy_timeout_s = default_busy_timeout_s()
         db_path = self.home / DB_FILE
         missing = NotInitialized(
             f"no registry at {self.home}; create one with `lorafleet registry init --base DIR` "
@@ -109,8 +107,6 @@ class Registry:
         info = inspect_base(base_dir)
         home_path.mkdir(parents=True, exist_ok=True)
         actor = actor or default_actor()
-        if busy_timeout_s is None:
-            busy_timeout_s = default_busy_timeout_s()
         db = Database(home_path / DB_FILE, busy_timeout_s)
         try:
             with db.write("init") as txn:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from registry.database import SQLITE_BUSY_CODES
+from registry.database import DEFAULT_BUSY_TIMEOUT_S, SQLITE_BUSY_CODES
 from registry.errors import RegistryBusy
 
 LOG_FILE = "requests.db"
@@ -68,7 +68,7 @@ class LoggedRequest:
 class RequestLog:
     """The request log of a registry home; safe to share between the threads of a process."""
 
-    def __init__(self, home: Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, home: Path, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = Path(home) / LOG_FILE
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
