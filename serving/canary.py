@@ -388,9 +388,12 @@ class CanaryWatch:
 
     def check(self) -> list[VerdictRecord]:
         """One round: roll back canaries that cannot be loaded, judge the ready ones."""
+        canaries = self._canaries()
+        if not canaries:
+            return []  # the usual round: one read of the aliases
         settings = all_settings(self.registry.db)
         decided = []
-        for alias, production in self._canaries():
+        for alias, production in canaries:
             target = Target(alias.adapter, alias.version)
             try:
                 if target.key not in self.residency.resident():
