@@ -42,7 +42,9 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
             params[name].copy_(value)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+def _optimizer_tensors(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     state = optimizer.state_dict()
     tensors = {
         f"{index}.{key}": value.contiguous()
@@ -107,7 +109,7 @@ def _lora_layout(tensors: dict[str, torch.Tensor]) -> tuple[set[int], list[str]]
     return ranks, targets
 
 
-def load_init_weights(model: Any, source: Path, alpha: float) -> None:
+def load_init_weights(model: torch.nn.Module, source: Path, alpha: float) -> None:
     """Warm start: copy a saved PEFT adapter's weights (safetensors, never pickle) into the
     freshly built PEFT `model`. ConfigError unless rank, alpha and targets match."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict

@@ -15,13 +15,18 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
 from registry.artifacts import sha256_file
 from tuning.config import DataConfig
 from tuning.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+T = TypeVar("T")
 
 IGNORE = -100  # label of tokens without loss
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -104,7 +109,7 @@ def _scan_jsonl(path: Path) -> None:
                 )
 
 
-def _require(location: str, row: dict[str, Any], name: str, kind: type) -> Any:
+def _require(location: str, row: dict[str, Any], name: str, kind: type[T]) -> T:
     value = row.get(name)
     if value is None:
         raise DataError(f"{location}: missing field {name!r} (fields: {', '.join(sorted(row))})")
@@ -136,7 +141,7 @@ def _check_row(location: str, row: dict[str, Any], fmt: str) -> None:
             raise DataError(f"{location}: messages has no assistant turn to learn from")
 
 
-def tokenize(row: dict[str, Any], fmt: str, tokenizer: Any) -> Example:
+def tokenize(row: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase) -> Example:
     """One row -> input ids with labels (IGNORE outside the learned part)."""
     eos = tokenizer.eos_token_id
     if fmt == "completion":
@@ -149,7 +154,7 @@ def tokenize(row: dict[str, Any], fmt: str, tokenizer: Any) -> Example:
     return _tokenize_chat(row["messages"], tokenizer)
 
 
-def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any) -> Example:
+def _tokenize_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Example:
     """Render turn by turn: text before each assistant turn is context, the turn is learned."""
     ids: list[int] = []
     labels: list[int] = []
@@ -158,10 +163,12 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any) -> Example:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(
-            messages[:i], tokenize=False, add_generation_prompt=True
+        # With tokenize=False it returns the rendered str; the annotation is every return type.
+        prefix = cast(
+            str,
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True),
         )
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        full = cast(str, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
         if not prefix.startswith(rendered) or not full.startswith(prefix):
             raise DataError(
                 "the tokenizer's chat template does not render turns incrementally, so "
@@ -185,7 +192,7 @@ def _fingerprint(examples: Sequence[Example]) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(base: Path) -> Any:
+def load_tokenizer(base: Path) -> PreTrainedTokenizerBase:
     """The base's tokenizer as a tuning run uses it (pad = eos where it has no pad)."""
     from transformers import AutoTokenizer
 
@@ -196,7 +203,7 @@ def load_tokenizer(base: Path) -> Any:
 
 
 def _read_examples(
-    paths: list[Path], config: DataConfig, tokenizer: Any, report: DataReport
+    paths: list[Path], config: DataConfig, tokenizer: PreTrainedTokenizerBase, report: DataReport
 ) -> list[Example]:
     """Read, check, dedupe, tokenize and filter the rows of `paths`, counting in `report`."""
     seen: set[str] = set()
@@ -219,7 +226,7 @@ def _read_examples(
     return out
 
 
-def load_eval_examples(config: DataConfig, tokenizer: Any) -> list[Example]:
+def load_eval_examples(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
     """The examples of `config.eval` alone, read as `load_examples` reads them (the training
     files are not read)."""
     if not config.eval:
@@ -228,7 +235,7 @@ def load_eval_examples(config: DataConfig, tokenizer: Any) -> list[Example]:
 
 
 def load_examples(
-    config: DataConfig, tokenizer: Any
+    config: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[Example], list[Example], DataReport]:
     """Read, check, tokenize, filter and split; return train, eval and the report."""
     report = DataReport()

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,16 @@ from tuning.config import DataConfig, EvaluationConfig
 from tuning.corpus import paragraphs
 from tuning.data import IGNORE, Example, chunks, pad_batch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 REFERENCE_SEED = 12345  # generated reference text differs from the tokenizer's corpus
 
 
 @torch.no_grad()
-def mean_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> float:
+def mean_loss(
+    model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int
+) -> float:
     """Token-weighted mean cross-entropy over the labelled tokens of `examples`."""
     total, count = 0.0, 0
     for group in chunks(examples, batch_size):
@@ -43,7 +48,11 @@ def mean_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: 
 
 @torch.no_grad()
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int
+    model: Any,  # anything with transformers' generate(); PeftModel.generate is unannotated
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
 ) -> list[str]:
     """Greedy completions of tokenized prompts (left-padded batches)."""
     out: list[str] = []
@@ -85,7 +94,9 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def reference_examples(tokenizer: Any, path: Path | None, window: int) -> list[Example]:
+def reference_examples(
+    tokenizer: PreTrainedTokenizerBase, path: Path | None, window: int
+) -> list[Example]:
     """General text cut into windows of at most `window` tokens (nothing dropped)."""
     texts = path.read_text().split("\n\n") if path else paragraphs(48, seed=REFERENCE_SEED)
     ids = [t for text in texts if text.strip() for t in tokenizer(text.strip())["input_ids"]]
@@ -97,8 +108,8 @@ def reference_examples(tokenizer: Any, path: Path | None, window: int) -> list[E
 
 
 def _score(
-    model: Any,
-    tokenizer: Any,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     held_out: Sequence[Example],
     reference: Sequence[Example],
     config: EvaluationConfig,
@@ -127,8 +138,8 @@ def _score(
 
 
 def score(
-    model: Any,
-    tokenizer: Any,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     held_out: Sequence[Example],
     data: DataConfig,
     config: EvaluationConfig,
@@ -145,8 +156,8 @@ def score(
 
 
 def evaluate(
-    model: Any,
-    tokenizer: Any,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     held_out: Sequence[Example],
     data: DataConfig,
     config: EvaluationConfig,

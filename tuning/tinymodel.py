@@ -64,7 +64,8 @@ def build_tokenizer(out_dir: Path) -> int:
         show_progress=False,
     )
     tokenizer.train_from_iterator(paragraphs(CORPUS_PARAGRAPHS, seed=0), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    # transformers leaves TokenizersBackend.__init__ (*args, **kwargs) unannotated.
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
@@ -84,7 +85,7 @@ def build_base_model(out_dir: Path | str, *, size: Size = "tiny", seed: int = 0)
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated upstream
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +110,12 @@ def build_base_model(out_dir: Path | str, *, size: Size = "tiny", seed: int = 0)
         pad_token_id=ids[PAD_TOKEN],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(
+    # LlamaForCausalLM.__init__ and GenerationConfig.__init__ are unannotated upstream.
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    # PreTrainedModel.to is wrapped in functools.wraps, which typeshed types as an unbound
+    # callable, so mypy takes the dtype for `self`.
+    model = model.to(torch.float32)  # type: ignore[arg-type]
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         eos_token_id=ids[EOS_TOKEN], pad_token_id=ids[PAD_TOKEN], do_sample=False
     )
     model.save_pretrained(out)
@@ -138,11 +143,16 @@ def build_random_adapter(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated upstream
     base = AutoModelForCausalLM.from_pretrained(
         str(base_dir), dtype=torch.float32, use_safetensors=True
     )
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))
+    # peft annotates lora_alpha as int, but uses it only as alpha / r: a float is valid.
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        target_modules=list(target_modules),
+    )
     generator = torch.Generator().manual_seed(seed)
     model = get_peft_model(base, config)
     with torch.no_grad():
@@ -151,5 +161,5 @@ def build_random_adapter(
                 std = b_std if "lora_B" in name else 1.0 / rank**0.5
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))  # peft annotates save_directory as str
     return out

@@ -17,10 +17,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +43,12 @@ from tuning.data import DataReport, Example, batches, load_examples, load_tokeni
 from tuning.errors import ConfigError, PackingUnsupported
 from tuning.evaluation import evaluate, mean_loss
 from tuning.plots import plot_losses
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch.nn.parallel import DistributedDataParallel
+
+    from registry.records import DatasetInfo
 
 logger = logging.getLogger(__name__)
 METADATA_FILE = "lorafleet.json"
@@ -96,7 +103,7 @@ def param_groups(model: torch.nn.Module, config: TrainingConfig) -> list[dict[st
     ]
 
 
-def check_packing(model: Any, pad_id: int) -> None:
+def check_packing(model: torch.nn.Module, pad_id: int) -> None:
     """Packing is used only if two packed examples give the logits they give alone."""
     from tuning.data import pack_batch, pad_batch
 
@@ -105,8 +112,9 @@ def check_packing(model: Any, pad_id: int) -> None:
     with torch.no_grad():
         batch = pack_batch([[a, b]], pad_id)
         # Without a KV cache: the model only derives the block mask from position ids then.
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False)
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        )
         alone = model(input_ids=pad_batch([b], pad_id)["input_ids"], use_cache=False)
     if not torch.allclose(packed.logits[0, 4:7], alone.logits[0], atol=1e-4):
         raise PackingUnsupported(
@@ -115,7 +123,7 @@ def check_packing(model: Any, pad_id: int) -> None:
         )
 
 
-def build_model(config: TuneConfig, base: Path) -> Any:
+def build_model(config: TuneConfig, base: Path) -> PeftModel:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +132,8 @@ def build_model(config: TuneConfig, base: Path) -> Any:
     method = config.method
     lora = LoraConfig(
         r=method.r,
-        lora_alpha=method.alpha,
+        # peft annotates lora_alpha as int, but uses it only as alpha / r: a float is valid.
+        lora_alpha=method.alpha,  # type: ignore[arg-type]
         lora_dropout=method.dropout,
         target_modules=method.target_modules,
         use_rslora=method.use_rslora,
@@ -133,15 +142,17 @@ def build_model(config: TuneConfig, base: Path) -> Any:
         layers_to_transform=method.layers_to_transform,
     )
     try:
-        model = get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as err:  # peft: target modules not found, bad layer indices
         raise ConfigError(f"method: {err}") from err
     if method.init_from is not None:
-        load_init_weights(model, method.init_from, method.alpha)
+        load_init_weights(peft_model, method.init_from, method.alpha)
     if config.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    return model
+        peft_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        peft_model.enable_input_require_grads()
+    return peft_model
 
 
 def total_steps(config: TuneConfig, micro_batches: int, world: int) -> int:
@@ -151,7 +162,9 @@ def total_steps(config: TuneConfig, micro_batches: int, world: int) -> int:
     return max(1, math.ceil(config.training.epochs * micro_batches / per_step))
 
 
-def micro_batch_stream(train: list[Example], config: TuneConfig, pad_id: int, start: int) -> Any:
+def micro_batch_stream(
+    train: list[Example], config: TuneConfig, pad_id: int, start: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Every micro-batch of the run in order, from the `start`-th on (resume)."""
     t = config.training
     epoch, index = 0, 0
@@ -174,7 +187,7 @@ def micro_batch_stream(train: list[Example], config: TuneConfig, pad_id: int, st
 
 def train_loop(
     config: TuneConfig,
-    model: Any,
+    model: PeftModel,
     train: list[Example],
     held_out: list[Example],
     pad_id: int,
@@ -206,7 +219,7 @@ def train_loop(
         state, best = load_checkpoint(last, model, optimizer)
         logger.info("resumed from %s (step %d of %d)", last, state.step, steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ddp = model
+    ddp: PeftModel | DistributedDataParallel = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -265,7 +278,7 @@ def train_loop(
 
 
 def _evaluate_step(
-    model: Any,
+    model: torch.nn.Module,
     held_out: list[Example],
     config: TuneConfig,
     pad_id: int,
@@ -332,7 +345,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
     import datasets
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated upstream
     datasets.disable_progress_bars()
     started = time.time()
     rank, world = _rank_world()
@@ -382,7 +395,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         "eval_losses": state.eval_losses,
     }
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(str(adapter_dir))  # peft annotates save_directory as str
     profile = build_profile(
         [e.prompt_ids for e in train],
         vocab_size=len(tokenizer),
@@ -424,7 +437,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
     return RunResult(adapter_dir, metadata, registered)
 
 
-def _dataset_info(report: DataReport) -> Any:
+def _dataset_info(report: DataReport) -> DatasetInfo:
     from registry.records import DatasetInfo
 
     return DatasetInfo(
