@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.errors import InvalidMetadata
+from registry.problems import validation_problems
 
 VersionState = Literal["active", "archived"]
 METADATA_FILE = "lorafleet.json"
@@ -35,7 +36,7 @@ class DatasetInfo(BaseModel):
 
 
 class VersionMetadata(BaseModel):
-    """Metadata of one adapter version (DESIGN.md: registry metadata)."""
+    """Metadata of one adapter version (docs/architecture.md, "Registry and the storage seam")."""
 
     model_config = ConfigDict(extra="forbid")
     base_fingerprint: str | None = None
@@ -213,7 +214,5 @@ def load_metadata(
     try:
         return VersionMetadata.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(validation_problems(err))
         raise InvalidMetadata(f"{where} does not follow the metadata schema: {problems}") from err

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from registry.database import Database, Transaction
 from registry.errors import InvalidSettings
 from registry.history import insert_event, utc_now
+from registry.problems import parse_assignment, validation_problems
 
 
 class AdapterSettings(BaseModel):
@@ -52,19 +53,17 @@ class AdapterSettings(BaseModel):
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings (values in JSON, else plain strings) -> a dict; InvalidSettings."""
+    """`KEY=VALUE` strings (values as in registry/problems.py) -> a dict; InvalidSettings."""
     out: dict[str, Any] = {}
     for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
+        try:
+            key, value = parse_assignment(item)
+        except ValueError as err:
             raise InvalidSettings(
                 f"setting {item!r} is not KEY=VALUE, e.g. canary_weight=0.2; keys: "
                 f"{', '.join(AdapterSettings.model_fields)}"
-            )
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+            ) from err
+        out[key] = value
     return out
 
 
@@ -72,11 +71,7 @@ def _validate(data: dict[str, Any], adapter: str) -> AdapterSettings:
     try:
         return AdapterSettings.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: {e['msg']}"
-            + (f" (got {e['input']!r})" if not isinstance(e["input"], dict) else "")
-            for e in err.errors()
-        )
+        problems = "; ".join(validation_problems(err, root="(settings)"))
         raise InvalidSettings(
             f"invalid settings for {adapter!r}: {problems}; keys and defaults: "
             "`lorafleet registry settings --defaults`"

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from registry.problems import parse_assignment, validation_problems
 from tuning.errors import ConfigError
 
 Section = ConfigDict(
@@ -194,9 +195,10 @@ class TuneConfig(BaseModel):
 
 def set_override(data: dict[str, Any], override: str) -> None:
     """Apply one `key.sub=value` override (value parsed as YAML) to a raw config dict."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} is not KEY=VALUE, e.g. training.lr=3e-4")
+    try:
+        key, value = parse_assignment(override)
+    except ValueError as err:
+        raise ConfigError(f"override {override!r} is not KEY=VALUE, e.g. training.lr=3e-4") from err
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -204,7 +206,7 @@ def set_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
 
 
 def load_config(path: Path | None, overrides: list[str] = []) -> TuneConfig:  # noqa: B006
@@ -223,11 +225,7 @@ def load_config(path: Path | None, overrides: list[str] = []) -> TuneConfig:  # 
     try:
         return TuneConfig.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}"
-            + (f" (got {e['input']!r})" if not isinstance(e["input"], dict) else "")
-            for e in err.errors()
-        )
+        problems = "; ".join(validation_problems(err, root="(config)"))
         where = path or "the command line"
         raise ConfigError(f"{len(err.errors())} problem(s) in {where}: {problems}") from err
 

@@ -36,7 +36,7 @@ def test_all_problems_are_reported_together(tmp_path: Path) -> None:
         "training.lr",
         "training.schedule",
         "training.batch_size",
-        "data.train.0: Value error, file",
+        "data.train[0]: Value error, file",
     ):
         assert fragment in message, fragment
     assert message.startswith("7 problem(s) in")
@@ -54,7 +54,7 @@ def test_missing_files_are_reported_together(tmp_path: Path) -> None:
             ],
         )
     message = str(err.value)
-    assert "data.train.0: Value error, file" in message and "data.eval.0: Value error" in message
+    assert "data.train[0]: Value error, file" in message and "data.eval[0]: Value error" in message
 
 
 def test_missing_base_is_reported(tmp_path: Path) -> None:
