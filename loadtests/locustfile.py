@@ -61,7 +61,7 @@ from locust.runners import WorkerRunner
 logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Lorafleet-Adapter-Version"
-# A request for a cold adapter may wait up to 30 s for a slot (serving/residency.py).
+# A request for a cold adapter may wait up to 30 s for a slot (serving/runtime/residency.py).
 NETWORK_TIMEOUT_S = 120.0
 # The server (uvicorn) closes a connection idle for 5 s. A POST sent on a pooled connection
 # just as it closes fails (HTTPConnectionClosed) and is not retried (POST is not idempotent),

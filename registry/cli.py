@@ -30,13 +30,13 @@ Handler = Callable[[argparse.Namespace], int]
 # pyproject.toml's `lorafleet.commands` entry points, for a checkout that is not installed
 # (the Bento image runs `python -m registry jobs run`); a test keeps the two equal.
 COMMANDS = {
-    "base": "tuning.cli:add_base_commands",
-    "canary": "serving.canary_commands:add_canary_commands",
-    "drift": "serving.cli:add_drift_commands",
-    "jobs": "tuning.jobs_cli:add_jobs_commands",
+    "base": "tuning.tune_commands:add_base_commands",
+    "canary": "serving.cli.canary_commands:add_canary_commands",
+    "drift": "serving.cli.drift_report:add_drift_commands",
+    "jobs": "tuning.job_commands:add_jobs_commands",
     "registry": "registry.cli:add_commands",
-    "serve": "serving.cli:add_serve_commands",
-    "tune": "tuning.cli:add_tune_commands",
+    "serve": "serving.cli.serve:add_serve_commands",
+    "tune": "tuning.tune_commands:add_tune_commands",
 }
 
 

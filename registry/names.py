@@ -1,8 +1,8 @@
 """Identifiers: adapter names, aliases and the `model` field of a request.
 
-Grammar (DESIGN.md): an adapter name or alias matches ``^[a-z0-9][a-z0-9._-]{0,62}$``; a
-model reference is ``base``, ``NAME`` (= ``NAME:production``), ``NAME:ALIAS`` or
-``NAME@VERSION``.
+Grammar (docs/architecture.md, "Identifiers"): an adapter name or alias matches
+``^[a-z0-9][a-z0-9._-]{0,62}$``; a model reference is ``base``, ``NAME`` (=
+``NAME:production``), ``NAME:ALIAS`` or ``NAME@VERSION``.
 """
 
 from __future__ import annotations

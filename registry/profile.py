@@ -20,6 +20,10 @@ PROFILE_FILE = "profile.json"
 # Token-length bins: [0,1) [1,2) [2,4) [4,8) ... [8192,16384) [16384, inf).
 LENGTH_EDGES: tuple[int, ...] = (0, 1, *(2**i for i in range(1, 15)))
 DEFAULT_TOP_TOKENS = 1000
+# The drift signals a server scores for each version: the first four against this profile,
+# feedback against a share of negative ratings (serving/watch/drift.py). Listed here because
+# the server's config (--drift-threshold SIGNAL=VALUE) and the drift windows both name them.
+SIGNALS = ("prompt_length", "prompt_tokens", "completion_length", "length_stop_share", "feedback")
 
 
 def length_bin(length: int) -> int:

@@ -15,7 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from registry import aliases, feedback, maintenance, settings
+from registry import aliases, feedback, fleet, maintenance, settings, verdicts
+from registry.alerts import AlertOutcome, receive_alert
 from registry.artifacts import ArtifactStore, LocalArtifactStore
 from registry.basemodel import BaseModelInfo, inspect_base
 from registry.database import SCHEMA_VERSION, Database, Transaction
@@ -31,6 +32,7 @@ from registry.errors import (
 )
 from registry.faults import pause_point
 from registry.history import insert_event, list_events, utc_now
+from registry.jobs import Jobs
 from registry.maintenance import FsckReport
 from registry.names import ModelRef, check_name, parse_model_ref
 from registry.records import (
@@ -86,6 +88,8 @@ class Registry:
         self.base = BaseModelInfo.from_dict(json.loads(rows[0]["base"]))
         self.artifacts: ArtifactStore = LocalArtifactStore(self.home / "artifacts")
         self._request_log: RequestLog | None = None
+        self.jobs = Jobs(self.db)
+        """Retraining jobs and schedules (registry/jobs.py)."""
 
     @classmethod
     def create(
@@ -276,9 +280,48 @@ class Registry:
         """Mark feedback accepted / rejected / pending for retraining."""
         return feedback.review_feedback(self.db, ids, review)
 
+    def corrections(self, adapter: str, policy: str) -> list[dict[str, Any]]:
+        """Feedback corrections of `adapter` that retraining may use under `policy`
+        (accepted, all or none; registry/feedback.py)."""
+        return feedback.corrections(self.db, adapter, policy)
+
     def settings(self, adapter: str) -> AdapterSettings:
         """The loop settings of `adapter` (defaults unless changed)."""
         return settings.get_settings(self.db, adapter)
+
+    def all_settings(self) -> dict[str, AdapterSettings]:
+        """The loop settings of every adapter that changed any, by adapter."""
+        return settings.all_settings(self.db)
+
+    def fleet_snapshot(self, *, events: int = 50, jobs: int = 50) -> dict[str, Any]:
+        """The whole fleet in one read: versions, aliases, settings, the newest `events`
+        history events and `jobs` jobs (registry/fleet.py)."""
+        return fleet.fleet_snapshot(self.db, events=events, jobs=jobs)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def receive_alert(
+        self, *, fingerprint: str, starts_at: str, labels: dict[str, str], actor: str
+    ) -> AlertOutcome:
+        """Record one firing alert; maybe queue a retraining job (registry/alerts.py)."""
+        return receive_alert(
+            self.db, fingerprint=fingerprint, starts_at=starts_at, labels=labels, actor=actor
+        )
+
+    def decide_canary(
+        self,
+        adapter: str,
+        verdict: verdicts.Verdict,
+        *,
+        actor: str,
+        reason: str,
+        version: int | None = None,
+    ) -> verdicts.VerdictRecord:
+        """Promote or roll back `adapter`'s canary; with `version`, only if the canary still
+        points at it (registry/verdicts.py)."""
+        return verdicts.decide_canary(
+            self.db, adapter, verdict, actor=actor, reason=reason, version=version
+        )
 
     def update_settings(
         self,

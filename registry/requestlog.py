@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.database import DEFAULT_BUSY_TIMEOUT_S, SQLITE_BUSY_CODES
-from registry.errors import RegistryBusy
+from registry.errors import LorafleetError, RegistryBusy
 
 LOG_FILE = "requests.db"
 SCHEMA = """
@@ -72,13 +72,19 @@ class RequestLog:
         self.path = Path(home) / LOG_FILE
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # a lost last batch is acceptable
-        self._conn.executescript(SCHEMA)
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # a lost last batch is acceptable
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as err:
+            raise LorafleetError(
+                f"cannot open the request log {self.path}: {err}; check that its directory "
+                "is writable and has free space"
+            ) from err
 
     def close(self) -> None:
         with self._lock:
@@ -102,7 +108,9 @@ class RequestLog:
                         f"process holding it (fuser {self.path}), or wait longer with "
                         "LORAFLEET_BUSY_TIMEOUT_S=SECONDS"
                     ) from err
-                raise
+                raise LorafleetError(f"request log {self.path}: {err}") from err
+            except sqlite3.Error as err:
+                raise LorafleetError(f"request log {self.path}: {err}") from err
             return int(changed)
 
     def append(self, rows: Sequence[LoggedRequest]) -> None:

@@ -1,6 +1,6 @@
 """Canary verdicts: promote a canary to production or roll it back, in one transaction.
 
-A verdict is decided by a server from its live comparison (serving/canary.py) or by a user
+A verdict is decided by a server from its live comparison (serving/watch/canary.py) or by a user
 (`lorafleet canary promote|rollback`, the admin routes). Several servers may reach a
 verdict on the same canary at once, so the transaction first checks that the canary still
 points at the version the verdict is about: the first writer wins and the others get

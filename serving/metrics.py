@@ -94,7 +94,8 @@ class ProcessGauge:
 PROCESS_METRICS = CollectorRegistry()
 DRIFT_SCORE = ProcessGauge(
     "lorafleet_drift_score",
-    "Drift of live traffic from the version's baseline profile, per signal (serving/drift.py)",
+    "Drift of live traffic from the version's baseline profile, per signal "
+    "(serving/watch/drift.py)",
     ("adapter", "version", "signal"),
 )
 DRIFT_WINDOW_SAMPLES = ProcessGauge(

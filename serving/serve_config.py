@@ -11,15 +11,21 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from registry.errors import LorafleetError
+from registry.profile import SIGNALS
 
 CONFIG_ENV = "LORAFLEET_SERVE_CONFIG"
 
 
 class ServeConfig(BaseModel):
+    """Every option of the server, each in one place: its name, default, bound and help.
+    `lorafleet serve` has one flag per field (serving/cli/serve.py); `cli` in a field's
+    json_schema_extra names a flag other than --FIELD-NAME, an environment default or a
+    metavar."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-    base: Path
+    base: Path = Field(json_schema_extra={"cli": {"metavar": "DIR"}})
     """Base model directory; must be the registry's base."""
-    home: Path | None = None
+    home: Path | None = Field(None, json_schema_extra={"cli": {"metavar": "DIR"}})
     """Registry directory (default $LORAFLEET_HOME or ~/.lorafleet)."""
     engine: Literal["auto", "hf", "vllm"] = "auto"
     """auto: vllm where CUDA is present, else hf (the embedded CPU default)."""
@@ -42,18 +48,25 @@ class ServeConfig(BaseModel):
     max_concurrent_requests: int = Field(512, ge=1, le=1024)
     """Requests to /v1/ in flight at once (streams included); more get 503 with Retry-After.
     At most BentoML's traffic.max_concurrency (1024), which would answer 429 first."""
-    api_key: str | None = None
+    api_key: str | None = Field(None, json_schema_extra={"cli": {"env": "LORAFLEET_API_KEY"}})
     """Key of the admin API (Authorization: Bearer KEY); admin is off without one."""
-    inference_key: str | None = None
+    inference_key: str | None = Field(
+        None, json_schema_extra={"cli": {"env": "LORAFLEET_INFERENCE_KEY"}}
+    )
     """Key of /v1/* (Authorization: Bearer KEY) when set; /metrics, /readyz, /livez stay open."""
     max_adapter_bytes: int = Field(256 * 1024 * 1024, ge=1)
     """Largest adapter (decoded files, bytes) accepted by POST /admin/adapters/NAME."""
-    pinned: list[str] = []
+    pinned: list[str] = Field([], json_schema_extra={"cli": {"flag": "--pin", "metavar": "NAME"}})
     """Adapters whose production and canary versions stay resident."""
     poll_interval_s: float = Field(0.25, gt=0, le=60)
     """How often the registry revision is checked."""
-    drift: bool = True
-    """Keep drift windows and export drift scores (serving/drift.py)."""
+    drift: bool = Field(
+        True,
+        json_schema_extra={
+            "cli": {"flag": "--no-drift", "help": "keep no drift windows and export no scores"}
+        },
+    )
+    """Keep drift windows and export drift scores (serving/watch/drift.py)."""
     drift_window: int = Field(500, ge=1, le=100_000)
     """Requests per adapter version in its drift window."""
     drift_window_s: float = Field(3600.0, gt=0, le=30 * 86400)
@@ -62,23 +75,41 @@ class ServeConfig(BaseModel):
     """Requests in a window before its request signals are scored."""
     drift_min_feedback: int = Field(20, ge=1)
     """Feedback ratings in a window before the feedback signal is scored."""
-    drift_thresholds: dict[str, float] = {}
-    """Per-signal thresholds replacing the defaults of serving/drift.py."""
-    request_log: bool = True
+    drift_thresholds: dict[str, float] = Field(
+        {}, json_schema_extra={"cli": {"flag": "--drift-threshold", "metavar": "SIGNAL=VALUE"}}
+    )
+    """Per-signal thresholds replacing the defaults of serving/watch/drift.py."""
+    request_log: bool = Field(
+        True,
+        json_schema_extra={
+            "cli": {
+                "flag": "--no-request-log",
+                "help": "log no requests (adapters also opt out one by one: setting "
+                "request_log=false)",
+            }
+        },
+    )
     """Log adapter requests for retraining (adapters opt out with their request_log setting)."""
     request_log_max_rows: int = Field(100_000, ge=1)
     """Logged requests kept per adapter (the oldest are deleted first)."""
     request_log_max_age_days: float = Field(30.0, gt=0)
     """Days a logged request is kept."""
-    canary_verdicts: bool = True
-    """Judge canaries and promote or roll them back automatically (serving/canary.py)."""
+    canary_verdicts: bool = Field(
+        True,
+        json_schema_extra={
+            "cli": {
+                "flag": "--no-canary-verdicts",
+                "help": "never promote or roll back canaries automatically (manual verdicts "
+                "still work)",
+            }
+        },
+    )
+    """Judge canaries and promote or roll them back automatically (serving/watch/canary.py)."""
     canary_interval_s: float = Field(1.0, gt=0, le=3600)
     """Seconds between canary checks."""
 
     @model_validator(mode="after")
     def _drift_consistent(self) -> ServeConfig:
-        from serving.drift import SIGNALS
-
         problems = []
         if self.drift_min_samples > self.drift_window:
             problems.append(

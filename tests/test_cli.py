@@ -127,6 +127,6 @@ def test_commands_table_equals_the_entry_points_and_serves_an_uninstalled_checko
     monkeypatch.setattr(registry.cli, "entry_points", lambda group: [])
     parser = registry.cli.build_parser()
     args = parser.parse_args(["jobs", "run", "--max-jobs", "0"])
-    assert args.handler.__module__ == "tuning.jobs_cli" and args.max_jobs == 0
+    assert args.handler.__module__ == "tuning.job_commands" and args.max_jobs == 0
     names = [name for name, _ in registry.cli.command_adders()]
     assert names == sorted(declared)

@@ -8,20 +8,7 @@ from typing import Any, get_args
 
 from registry import Registry
 from registry.arguments import emit, registry_options
-from registry.jobs import (
-    JobRecord,
-    JobState,
-    claim_job,
-    get_job,
-    list_jobs,
-    list_schedules,
-    parse_interval,
-    queue_due,
-    queue_job,
-    reap_stale,
-    remove_schedule,
-    set_schedule,
-)
+from registry.jobs import JobRecord, JobState, parse_interval
 from registry.registry import default_actor
 
 JOBS_HELP = """Retraining jobs of the watch-and-retrain loop. A job retrains one adapter:
@@ -113,7 +100,7 @@ def _job_line(job: JobRecord) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    jobs = list_jobs(_open(args).db, args.name, args.state, args.limit)
+    jobs = _open(args).jobs.recent(args.name, args.state, args.limit)
     lines = [f"{'ID':>5}  {'ADAPTER':<20}  {'STATE':<9}  {'TRIGGER':<20}  {'CREATED':<29}  RESULT"]
     for job in jobs:
         result = f"{job.adapter}@{job.version}" if job.version else (job.error or "")
@@ -126,7 +113,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    job = get_job(_open(args).db, args.id)
+    job = _open(args).jobs.get(args.id)
     result = job.result or {}
     lines = [
         f"job {job.id}  {job.adapter}  {job.state}",
@@ -164,7 +151,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     actor = args.actor or default_actor()
-    job, new = queue_job(_open(args).db, args.name, "manual", actor=actor, reason=args.reason)
+    job, new = _open(args).jobs.queue(args.name, "manual", actor=actor, reason=args.reason)
     text = (
         f"queued job {job.id} for {job.adapter} (manual)"
         if new
@@ -175,8 +162,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     every_s = parse_interval(args.every) if args.every else None
-    schedule = set_schedule(
-        _open(args).db,
+    schedule = _open(args).jobs.set_schedule(
         args.name,
         every_s=every_s,
         cron=args.cron,
@@ -187,12 +173,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_unschedule(args: argparse.Namespace) -> int:
-    remove_schedule(_open(args).db, args.name, actor=args.actor or default_actor())
+    _open(args).jobs.remove_schedule(args.name, actor=args.actor or default_actor())
     return emit(args, {"adapter": args.name, "removed": True}, f"{args.name}: schedule removed")
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
-    schedules = list_schedules(_open(args).db)
+    schedules = _open(args).jobs.schedules()
     lines = [
         f"{s.adapter}: "
         + (f"every {s.every_s:g} s" if s.every_s is not None else f"cron {s.cron!r}")
@@ -222,17 +208,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = _open(args)
     actor = args.actor or default_actor()
     report: dict[str, list[Any]] = {"reaped": [], "queued": [], "ran": []}
-    with registry.db.write("reap jobs") as txn:
-        reaped = reap_stale(txn, actor=actor)
-    for job_id in reaped:
-        report["reaped"].append(_say(args, get_job(registry.db, job_id)))
-    for due in queue_due(registry.db, actor=actor):
+    for reaped in registry.jobs.reap(actor=actor):
+        report["reaped"].append(_say(args, reaped))
+    for due in registry.jobs.queue_due(actor=actor):
         report["queued"].append(
             _say(args, due, f"queued job {due.id} for {due.adapter} (schedule)")
         )
     failures = 0
     while args.max_jobs is None or len(report["ran"]) < args.max_jobs:
-        job = claim_job(registry.db, actor=actor, job_id=args.job)
+        job = registry.jobs.claim(actor=actor, job_id=args.job)
         if job is None:
             break
         finished = run_job(registry, job, actor=actor)

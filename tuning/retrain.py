@@ -31,11 +31,9 @@ import yaml
 from pydantic import ValidationError
 
 from registry import Registry, VersionRecord
-from registry.database import Database
 from registry.errors import LorafleetError, NotFound
 from registry.faults import pause_point
-from registry.feedback import corrections
-from registry.jobs import JobRecord, finish_job, heartbeat, worker_id
+from registry.jobs import JobRecord, Jobs, worker_id
 from registry.records import METADATA_FILE
 from registry.settings import AdapterSettings
 from tuning.config import DataConfig, TuneConfig, load_config
@@ -50,6 +48,8 @@ from tuning.data import (
 from tuning.errors import RetrainError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from tuning.train import RunResult
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def run_job(
     """Run a job this process claimed (state running) to its end; returns it finished.
     User-facing problems (LorafleetError) and the gate fail the job with their message."""
     try:
-        with _heartbeats(registry.db, job.id, heartbeat_s):
+        with _heartbeats(registry.jobs, job.id, heartbeat_s):
             outcome = _retrain(registry, job, actor)
     except LorafleetError as err:
         outcome = Outcome(False, str(err), error=str(err))
@@ -139,8 +139,7 @@ def run_job(
         logger.exception("job %d failed", job.id)
         error = f"internal error {type(err).__name__}: {err} (traceback in the runner's log)"
         outcome = Outcome(False, error, error=error)
-    return finish_job(
-        registry.db,
+    return registry.jobs.finish(
         job.id,
         succeeded=outcome.succeeded,
         actor=actor,
@@ -159,14 +158,14 @@ def gate_failed(job: JobRecord) -> bool:
 
 
 @contextmanager
-def _heartbeats(db: Database, job_id: int, every_s: float) -> Iterator[None]:
+def _heartbeats(jobs: Jobs, job_id: int, every_s: float) -> Iterator[None]:
     stop = threading.Event()
     worker = worker_id()
 
     def beat() -> None:
         while not stop.wait(every_s):
             try:
-                heartbeat(db, job_id, worker=worker)
+                jobs.heartbeat(job_id, worker=worker)
             except LorafleetError as err:
                 logger.warning("job %d: heartbeat stopped: %s", job_id, err)
                 return
@@ -189,7 +188,7 @@ def _retrain(registry: Registry, job: JobRecord, actor: str) -> Outcome:
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     datasets.disable_progress_bars()
     production = _production(registry, job.adapter)
-    heartbeat(registry.db, job.id, parent_version=production.version)
+    registry.jobs.heartbeat(job.id, parent_version=production.version)
     settings = registry.settings(job.adapter)
     config, data = prepare(registry, production, settings, job.id)
     logger.info("job %d: scoring %s on the held-out set", job.id, production.ref)
@@ -276,7 +275,7 @@ def prepare(
     if not eval_files:
         fit_files, held_out = _split_held_out(base, raw_data, train_files, out / "data")
     new_files = _new_files(settings, production.adapter)
-    rows = corrections(registry.db, production.adapter, settings.corrections)
+    rows = registry.corrections(production.adapter, settings.corrections)
     tokenizer = load_tokenizer(base) if rows and fmt == "chat" else None
     corrections_file, added = _write_corrections(
         rows, fmt, out / "data" / "corrections.jsonl", tokenizer
@@ -350,7 +349,10 @@ def _split_held_out(
 
 
 def _write_corrections(
-    rows: list[dict[str, Any]], fmt: str, path: Path, tokenizer: Any = None
+    rows: list[dict[str, Any]],
+    fmt: str,
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[str | None, int]:
     """Corrections as training rows of the adapter's format; (file or None, rows written).
     `tokenizer` (chat format) recovers the messages of prompts the server rendered."""
@@ -375,7 +377,9 @@ def _write_corrections(
 CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n", re.DOTALL)
 
 
-def _messages(prompt: str, tokenizer: Any = None) -> list[dict[str, str]]:
+def _messages(
+    prompt: str, tokenizer: PreTrainedTokenizerBase | None = None
+) -> list[dict[str, str]]:
     """The messages of a chat request as stored with its feedback: a JSON list of messages,
     or the prompt the server rendered with the chat template (ChatML turns, kept only if
     the tokenizer renders them back to the same text); else one user turn."""

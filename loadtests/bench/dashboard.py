@@ -34,7 +34,7 @@ class Clock:
 
 def busy_traffic() -> object:
     """A Traffic whose window is full: VERSIONS versions, 3 requests in every step."""
-    from serving.samples import Traffic
+    from serving.watch.samples import Traffic
 
     clock = Clock()
     traffic = Traffic(clock=clock)

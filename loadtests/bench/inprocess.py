@@ -56,7 +56,7 @@ def engine_rounds(
 def engine_round(
     engine: Any, keys: list[str | None], ids: list[list[int]], new_tokens: int
 ) -> float:
-    from serving.engine import GenerationRequest, SamplingParams
+    from serving.engines.seam import GenerationRequest, SamplingParams
 
     done = threading.Semaphore(0)
     counts = [0] * len(keys)

@@ -54,12 +54,10 @@ def add_canary_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def cmd_canary_decide(args: argparse.Namespace) -> int:
     from registry.registry import Registry, default_actor
-    from registry.verdicts import decide_canary
 
     registry = Registry(args.home)
     try:
-        record = decide_canary(
-            registry.db,
+        record = registry.decide_canary(
             args.name,
             args.verdict,
             actor=args.actor or default_actor(),
@@ -100,6 +98,6 @@ def cmd_canary_status(args: argparse.Namespace) -> int:
 
 def fetch_status(url: str, adapter: str, api_key: str | None, timeout_s: float = 30) -> Any:
     """GET /admin/canary?adapter=NAME; AdminCallFailed naming the value and the fix."""
-    from serving.admin_client import admin_get
+    from serving.cli.admin_client import admin_get
 
     return admin_get(url, "/admin/canary", {"adapter": adapter}, api_key, timeout_s)

@@ -5,40 +5,58 @@ verdict, so a user sees what drifted."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
-import io
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from serving.admin_client import admin_get
+from serving.cli.admin_client import admin_get
+from serving.watch.drift_plots import KINDS, TITLES, VERDICTS, plot_signal
 
 logger = logging.getLogger(__name__)
 
-TITLES = {
-    "prompt_length": "Prompt length (tokens)",
-    "prompt_tokens": "Prompt tokens (the baseline's most frequent ids + other)",
-    "completion_length": "Completion length (tokens)",
-    "length_stop_share": "Completions cut by max_tokens",
-    "feedback": "Negative feedback",
-}
-KINDS = {
-    "prompt_length": "PSI",
-    "prompt_tokens": "Jensen-Shannon distance",
-    "completion_length": "PSI",
-    "length_stop_share": "share",
-    "feedback": "share",
-}
-TOP_TOKENS = 20  # token bars drawn: the largest by baseline or live share
-COLORS = {"baseline": "#4c72b0", "live": "#dd8452", "threshold": "#c44e52"}
-VERDICTS = {
-    "drifted": ("drifted", "#c44e52"),
-    "not drifted": ("not drifted", "#55a868"),
-    "not enough samples": ("not enough samples", "#8c8c8c"),
-    "no baseline": ("no baseline profile", "#8c8c8c"),
-}
+DRIFT_REPORT_HELP = """Fetch the drift of one adapter version from a running server (GET
+/admin/drift, admin key needed) and write one self-contained HTML page: per signal the
+baseline and live distributions as a plot, the score, the threshold and whether it drifted.
+NAME alone means NAME:production as the server resolves it."""
+
+
+def add_drift_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Entry point: add `lorafleet drift report`."""
+    drift = commands.add_parser("drift", help="look at the drift of served adapter versions")
+    sub = drift.add_subparsers(dest="drift_command", metavar="COMMAND", required=True)
+    p = sub.add_parser(
+        "report",
+        help="render baseline vs live distributions as HTML",
+        description=DRIFT_REPORT_HELP,
+    )
+    p.add_argument("model", metavar="NAME[@V]", help="NAME, NAME:ALIAS or NAME@VERSION")
+    p.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:3000",
+        help="the server's base URL (default http://127.0.0.1:3000)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAFLEET_API_KEY"),
+        help="the server's admin key (default $LORAFLEET_API_KEY)",
+    )
+    p.set_defaults(handler=cmd_drift_report)
+
+
+def cmd_drift_report(args: argparse.Namespace) -> int:
+    report = write_report(args.model, args.out, url=args.url, api_key=args.api_key)
+    drifted = [n for n, s in report["signals"].items() if s["status"] == "drifted"]
+    print(
+        f"{args.out}: {report['model']}, {report['samples']} requests in the window; "
+        f"drifted: {', '.join(drifted) or 'none'}"
+    )
+    return 0
 
 
 def fetch_report(url: str, model: str, api_key: str | None, timeout_s: float = 30) -> Any:
@@ -93,103 +111,6 @@ def _section(name: str, signal: dict[str, Any]) -> str:
 <img alt="{name}: baseline vs live" src="data:image/png;base64,{png}">
 </section>
 """
-
-
-def plot_signal(name: str, signal: dict[str, Any]) -> bytes:
-    """PNG of one signal: baseline vs live shares per bin, or the live share vs threshold."""
-    from matplotlib.figure import Figure
-
-    share = name in ("length_stop_share", "feedback")
-    figure = Figure(figsize=(9.0, 2.0 if share else 3.6), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    if share:
-        _plot_share(axes, signal)
-    else:
-        labels, baseline, live = _bars(name, signal)
-        positions = list(range(len(labels)))
-        width = 0.4
-        if baseline is not None:
-            axes.bar(
-                [p - width / 2 for p in positions],
-                baseline,
-                width,
-                label="baseline",
-                color=COLORS["baseline"],
-            )
-        axes.bar(
-            [p + width / 2 for p in positions], live, width, label="live", color=COLORS["live"]
-        )
-        axes.set_xticks(
-            positions,
-            labels,
-            rotation=45 if name == "prompt_tokens" else 0,
-            ha="right" if name == "prompt_tokens" else "center",
-            fontsize=8,
-        )
-        axes.set_ylabel("share")
-        axes.set_xlabel("token" if name == "prompt_tokens" else "length in tokens")
-        axes.legend()
-    score = "not scored" if signal["score"] is None else f"{signal['score']:.3f}"
-    verdict = VERDICTS.get(signal["status"], (signal["status"], ""))[0]
-    axes.set_title(
-        f"{TITLES.get(name, name)}: {KINDS.get(name, 'score')} {score}, "
-        f"threshold {signal['threshold']:g}: {verdict}",
-        fontsize=10,
-    )
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _plot_share(axes: Any, signal: dict[str, Any]) -> None:
-    total = sum(signal["live"])
-    share = signal["live"][1] / total if total else 0.0
-    axes.barh(["live"], [share], color=COLORS["live"], height=0.4)
-    axes.axvline(
-        signal["threshold"],
-        color=COLORS["threshold"],
-        linestyle="--",
-        label=f"threshold {signal['threshold']:g}",
-    )
-    axes.set_xlim(0, 1)
-    labels = signal.get("labels") or ["", "share"]
-    axes.set_xlabel(f"share '{labels[1]}' ({signal['live'][1]:g} of {total:g})")
-    axes.legend(loc="lower right")
-
-
-def _bars(name: str, signal: dict[str, Any]) -> tuple[list[str], list[float] | None, list[float]]:
-    """Labels and shares of the bins worth drawing: for lengths the span of non-empty bins,
-    for tokens the TOP_TOKENS largest on either side plus "other"."""
-    live = _normalize(signal["live"])
-    baseline = _normalize(signal["baseline"]) if signal["baseline"] is not None else None
-    either = [max(a, b) for a, b in zip(baseline or live, live, strict=True)]
-    if name == "prompt_tokens":
-        names = signal.get("labels") or [str(b) for b in signal["bins"][:-1]] + ["other"]
-        top = sorted(range(len(either) - 1), key=lambda i: -either[i])[:TOP_TOKENS]
-        keep = [*sorted(top), len(either) - 1]
-        labels = [repr(names[i]) if i < len(either) - 1 else "other" for i in keep]
-    else:
-        edges = signal["bins"]
-        used = [i for i, v in enumerate(either) if v > 0] or [0]
-        keep = list(range(max(0, used[0] - 1), min(len(edges), used[-1] + 2)))  # 1 bin margin
-        labels = [_bin_label(edges, i) for i in keep]
-    return (
-        labels,
-        [baseline[i] for i in keep] if baseline is not None else None,
-        [live[i] for i in keep],
-    )
-
-
-def _bin_label(edges: list[int], i: int) -> str:
-    if i + 1 == len(edges):
-        return f">={edges[i]}"
-    low, high = edges[i], edges[i + 1] - 1
-    return str(low) if low == high else f"{low}-{high}"
-
-
-def _normalize(counts: list[float]) -> list[float]:
-    total = sum(counts)
-    return [c / total for c in counts] if total else [0.0 for _ in counts]
 
 
 def write_report(model: str, out: Path, *, url: str, api_key: str | None) -> dict[str, Any]:

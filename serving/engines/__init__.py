@@ -1,11 +1,12 @@
-"""The engines behind the Engine protocol (serving/engine.py): hf (transformers + peft, the
-CPU default) and vllm, chosen by `build_engine`."""
+"""The engines behind the Engine protocol (serving/engines/seam.py): hf (transformers
+weights with the project's own per-row LoRA layers, the CPU default) and vllm, chosen by
+`build_engine`."""
 
 from __future__ import annotations
 
 from registry.errors import LorafleetError
-from serving.config import ServeConfig
-from serving.engine import Engine
+from serving.engines.seam import Engine
+from serving.serve_config import ServeConfig
 
 
 def build_engine(config: ServeConfig) -> tuple[str, Engine]:

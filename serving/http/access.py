@@ -15,9 +15,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.errors import Unauthorized
+from serving.http.error_body import error_body
 
 if TYPE_CHECKING:
-    from serving.server import Server
+    from serving.runtime.server import Server
 
 ADMIN_PREFIX = "/admin"
 ACTOR_HEADER = "X-Lorafleet-Actor"  # who an admin call acts for, in the history
@@ -45,7 +46,7 @@ def bearer_matches(authorization: str, key: str | None) -> bool:
 
 
 def server_of(request: Request) -> Server:
-    """The Server a route works on (set on the app by serving/service.py)."""
+    """The Server a route works on (set on the app by serving/http/service.py)."""
     server: Server = request.app.state.server
     return server
 
@@ -69,7 +70,7 @@ def refusal(path: str, authorization: str, keys: Keys) -> str | None:
 
 
 def unauthorized_body(message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "Unauthorized", "code": 401}}).encode()
+    return json.dumps(error_body(401, message, "Unauthorized")).encode()
 
 
 class KeyCheck:

@@ -3,16 +3,13 @@ errors to status codes. This is the only place that knows about HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from registry.errors import (
@@ -25,11 +22,7 @@ from registry.errors import (
     NotFound,
     RegistryBusy,
 )
-from registry.names import parse_model_ref
-from registry.verdicts import Verdict
-from serving.access import ADMIN_REFUSAL, KeyCheck, Keys, require_admin, server_of
-from serving.alerts import receive_notification
-from serving.dashboard import router as dashboard_router
+from registry.problems import field_path
 from serving.errors import (
     AdapterTooLarge,
     BadRequest,
@@ -38,21 +31,19 @@ from serving.errors import (
     Overloaded,
     Unauthorized,
 )
-from serving.limits import RequestLimits
-from serving.schemas import (
-    AlertmanagerPayload,
-    CanaryRequest,
+from serving.http.access import ADMIN_REFUSAL, KeyCheck, Keys, server_of
+from serving.http.admin_routes import router as admin_router
+from serving.http.dashboard import router as dashboard_router
+from serving.http.error_body import error_body
+from serving.http.limits import RequestLimits
+from serving.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
-    ModelRequest,
-    PromoteRequest,
-    RegisterRequest,
-    RollbackRequest,
     SamplingFields,
 )
-from serving.server import Generation, Server
-from serving.uploads import register_upload
+from serving.runtime.generation import Generation
+from serving.runtime.server import Server
 
 VERSION_HEADER = "X-Lorafleet-Adapter-Version"
 # The registry revision of the alias map that resolved the request's model.
@@ -74,7 +65,7 @@ STATUS: list[tuple[type[LorafleetError], int]] = [
 ]
 
 app = FastAPI(title="lorafleet", description="One base model, many LoRA adapters.")
-app.add_middleware(RequestLimits)  # body size and requests in flight (serving/limits.py)
+app.add_middleware(RequestLimits)  # body size and requests in flight (serving/http/limits.py)
 
 
 def _keys() -> Keys:
@@ -86,12 +77,14 @@ def _keys() -> Keys:
 
 app.add_middleware(KeyCheck, keys=_keys)  # outermost: 401 before limits, routing or body
 app.include_router(dashboard_router)  # /dashboard and its /admin/dashboard data
+app.include_router(admin_router)  # /admin/* (serving/http/admin_routes.py)
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     headers = {"Retry-After": "1"} if status == 503 else None
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(status, message, kind, param), status_code=status, headers=headers
+    )
 
 
 @app.exception_handler(RequestValidationError)
@@ -113,10 +106,7 @@ def _field(loc: Any) -> str:
     parts = list(loc)
     if len(parts) > 1 and parts[0] in ("body", "query", "path"):
         parts = parts[1:]
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else f"{'.' if path else ''}{part}"
-    return path or "body"
+    return field_path(parts) or "body"
 
 
 def _problem(problem: Any, content_type: str) -> tuple[str, str]:
@@ -198,12 +188,12 @@ async def _respond(request: Request, body: SamplingFields, prompt: str, *, chat:
             "message": {"role": "assistant", "content": text},
             "finish_reason": finish,
         }
-        kind, prefix = "chat.completion", "chatcmpl"
+        kind = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        kind, prefix = "text_completion", "cmpl"
+        kind = "text_completion"
     body_out = {
-        "id": f"{prefix}-{generation.id}",
+        "id": generation.response_id,
         "object": kind,
         "created": generation.created,
         "model": generation.served,
@@ -240,7 +230,7 @@ class GenerationStream(StreamingResponse):
 
 
 async def _sse(server: Server, generation: Generation, *, chat: bool) -> AsyncIterator[str]:
-    prefix, kind = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
+    kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
         if chat:
@@ -251,7 +241,7 @@ async def _sse(server: Server, generation: Generation, *, chat: bool) -> AsyncIt
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
         body = {
-            "id": f"{prefix}-{generation.id}",
+            "id": generation.response_id,
             "object": kind,
             "created": generation.created,
             "model": generation.served,
@@ -271,161 +261,3 @@ async def _sse(server: Server, generation: Generation, *, chat: bool) -> AsyncIt
 async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
     stored = server_of(request).feedback(body.response_id, body.score, body.correction)
     return {"id": stored, "response_id": body.response_id, "stored": True}
-
-
-# ---- admin --------------------------------------------------------------------------------
-
-
-@app.get("/admin/residency")
-async def residency(request: Request) -> dict[str, Any]:
-    require_admin(request)
-    server = server_of(request)
-    return {
-        "engine": server.engine_name,
-        "capacity": server.engine.adapter_slots,
-        "resident": server.residency.resident(),
-        "pinned": sorted(server.residency.pinned),
-        "revision": server.router.map.revision,
-    }
-
-
-@app.post("/admin/promote")
-async def promote(body: PromoteRequest, request: Request) -> dict[str, Any]:
-    actor = require_admin(request)
-    server = server_of(request)
-    # A thread: waiting for another process's registry lock must not stall other requests.
-    move = await asyncio.to_thread(
-        server.registry.set_alias,
-        body.adapter,
-        body.alias,
-        body.version,
-        weight=body.weight,
-        actor=actor,
-        reason=body.reason,
-    )
-    await _apply(server)
-    return move.to_dict()
-
-
-@app.post("/admin/rollback")
-async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
-    actor = require_admin(request)
-    server = server_of(request)
-    move = await asyncio.to_thread(
-        server.registry.rollback, body.adapter, body.alias, actor=actor, reason=body.reason
-    )
-    await _apply(server)
-    return move.to_dict()
-
-
-@app.post("/admin/load")
-async def load(body: ModelRequest, request: Request) -> dict[str, Any]:
-    require_admin(request)
-    server = server_of(request)
-    target = server.router.resolve(parse_model_ref(body.model))
-    if target is None:
-        raise BadRequest("the base model is always loaded; name an adapter")
-    started = time.perf_counter()
-    await asyncio.to_thread(server.residency.ensure, target)
-    return {"loaded": target.key, "seconds": round(time.perf_counter() - started, 4)}
-
-
-@app.post("/admin/unload")
-async def unload(body: ModelRequest, request: Request) -> dict[str, Any]:
-    require_admin(request)
-    server = server_of(request)
-    target = server.router.resolve(parse_model_ref(body.model))
-    if target is None:
-        raise BadRequest("the base model cannot be unloaded; name an adapter")
-    if target.key in server.residency.pinned:
-        raise NotServable(f"{target.key} is pinned; it stays resident")
-    return {"unloaded": target.key if server.residency.unload(target.key) else None}
-
-
-@app.post("/admin/adapters/{name}", status_code=201)
-async def register_adapter(name: str, body: RegisterRequest, request: Request) -> dict[str, Any]:
-    """Register uploaded files as the next version of adapter `name` (201 with its record);
-    every validation failure is a 422 with the registry's message and registers nothing.
-    With `alias`, that alias then points at the new version."""
-    actor = require_admin(request)
-    server = server_of(request)
-    record = await asyncio.to_thread(
-        register_upload,
-        server.registry,
-        name,
-        body.files,
-        max_bytes=server.config.max_adapter_bytes,
-        actor=actor,
-        reason=body.reason,
-        alias=body.alias,
-    )
-    if body.alias is not None:
-        await _apply(server)
-    return record.to_dict()
-
-
-@app.get("/admin/drift")
-async def drift(request: Request, model: str | None = None) -> dict[str, Any]:
-    """Drift of one version (`model`: NAME, NAME:ALIAS, NAME@VERSION or base) with baseline
-    and live distributions per signal; without `model`, the scores of every tracked
-    version."""
-    require_admin(request)
-    server = server_of(request)
-    if model is None:
-        versions = await asyncio.to_thread(server.drift.summary)
-        return {
-            "enabled": server.drift.settings.enabled,
-            "thresholds": dict(server.drift.settings.thresholds),
-            "versions": versions,
-        }
-    adapter, version = server.drift_key(model)
-    report = await asyncio.to_thread(server.drift.report, adapter, version)
-    return server.spell_tokens(report)
-
-
-@app.post("/admin/alerts")
-async def alerts(request: Request) -> dict[str, Any]:
-    """Alertmanager's webhook (payload version 4): each firing alert may queue a retraining
-    job; the answer names every alert's outcome. The key is checked before the body is read."""
-    require_admin(request)
-    try:
-        payload = AlertmanagerPayload.model_validate(await request.json())
-    except (ValidationError, ValueError) as err:
-        errors = err.errors() if isinstance(err, ValidationError) else [{"msg": str(err)}]
-        raise RequestValidationError(errors) from err
-    server = server_of(request)
-    outcomes = await asyncio.to_thread(receive_notification, server.registry, payload)
-    return {"received": len(outcomes), "alerts": outcomes}
-
-
-@app.get("/admin/canary")
-async def canary_status(request: Request, adapter: str | None = None) -> dict[str, Any]:
-    """The live comparison of every canary (or one adapter's) with production."""
-    require_admin(request)
-    server = server_of(request)
-    found = await asyncio.to_thread(server.canary.status, adapter)
-    return {"canaries": [c.to_dict() for c in found]}
-
-
-@app.post("/admin/canary/promote")
-async def canary_promote(body: CanaryRequest, request: Request) -> dict[str, Any]:
-    return await _verdict(request, body, "promoted")
-
-
-@app.post("/admin/canary/rollback")
-async def canary_rollback(body: CanaryRequest, request: Request) -> dict[str, Any]:
-    return await _verdict(request, body, "rolled_back")
-
-
-async def _verdict(request: Request, body: CanaryRequest, verdict: Verdict) -> dict[str, Any]:
-    actor = require_admin(request)
-    server = server_of(request)
-    record, comparison = await asyncio.to_thread(
-        server.canary.decide, body.adapter, verdict, actor=actor, reason=body.reason
-    )
-    return {**record.to_dict(), "live": comparison.to_dict() if comparison else None}
-
-
-async def _apply(server: Server) -> None:
-    """Make an alias move through this server take effect before the response."""
-    await asyncio.to_thread(server.refresh)

@@ -1,10 +1,10 @@
-"""The operator dashboard: `/dashboard` serves a static page (serving/static/dashboard/,
+"""The operator dashboard: `/dashboard` serves a static page (serving/http/static/dashboard/,
 shipped in the package, no build step) that polls `GET /admin/dashboard` with the admin key
 the operator typed in, and acts through the admin routes (promote, rollback, canary weight,
 `POST /admin/pin` / `/admin/unpin`), each with a reason that lands in the registry history.
 
 The page itself holds no data, so it is open; everything it shows comes from /admin, behind
-the admin key (serving/access.py).
+the admin key (serving/http/access.py).
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from registry.fleet import fleet_snapshot
-from serving.access import require_admin, server_of
-from serving.drift_report import KINDS, TITLES, plot_signal
-from serving.samples import SERIES_LIMIT
-from serving.schemas import PinRequest
+from serving.http.access import require_admin, server_of
+from serving.http.schemas import PinRequest
+from serving.watch.drift_plots import KINDS, TITLES, plot_signal
+from serving.watch.samples import SERIES_LIMIT
 
 router = APIRouter()
-STATIC = resources.files("serving") / "static" / "dashboard"
+STATIC = resources.files("serving.http") / "static" / "dashboard"
 ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
@@ -74,7 +73,7 @@ async def state(
         return needle in name.lower()
 
     fleet, canaries, drift_now, traffic = await asyncio.gather(
-        asyncio.to_thread(fleet_snapshot, server.registry.db),
+        asyncio.to_thread(server.registry.fleet_snapshot),
         asyncio.to_thread(server.canary.status, None),
         asyncio.to_thread(server.drift.summary),
         asyncio.to_thread(server.traffic.series, match, series),

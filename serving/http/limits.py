@@ -10,6 +10,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.http.error_body import error_body
+
 logger = logging.getLogger(__name__)
 
 BOUNDED_PREFIX = "/v1/"  # admin calls and probes stay answerable under inference load
@@ -107,10 +109,7 @@ async def refuse(
     send: Send, status: int, message: str, kind: str, headers: dict[str, str] | None = None
 ) -> None:
     """An OpenAI-style error body, like every other error of the HTTP API."""
-    payload = json.dumps(
-        {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    )
-    raw = payload.encode()
+    raw = json.dumps(error_body(status, message, kind)).encode()
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     head += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     head.append((b"connection", b"close"))

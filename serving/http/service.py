@@ -1,4 +1,4 @@
-"""The BentoML service: one worker owns the engine; the HTTP routes (serving/app.py) are
+"""The BentoML service: one worker owns the engine; the HTTP routes (serving/http/app.py) are
 mounted on it. Configured by `lorafleet serve` through LORAFLEET_SERVE_CONFIG."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import logging
 import bentoml
 from prometheus_client import generate_latest
 
-from serving.app import app
-from serving.config import load_serve_config
+from serving.http.app import app
 from serving.metrics import PROCESS_METRICS
-from serving.server import Server
+from serving.runtime.server import Server
+from serving.serve_config import load_serve_config
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from registry import Registry
-from serving.engine import Engine
+from serving.engines.seam import Engine
 from serving.errors import NoFreeSlot, NotServable, Overloaded
 from serving.metrics import ADAPTER_LOAD_SECONDS, ADAPTERS_LOADED, CACHE_EVENTS
-from serving.routing import Target
+from serving.runtime.routing import Target
 
 logger = logging.getLogger(__name__)
 SLOT_WAIT_S = 30.0

@@ -10,16 +10,48 @@ retries the whole notification, whose alerts already recorded then come back as 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry import Registry
-from registry.alerts import receive_alert
 from serving.errors import BadRequest
-from serving.schemas import AlertmanagerPayload
 
 logger = logging.getLogger(__name__)
 
 WEBHOOK_VERSION = "4"
+
+# Alertmanager's payload, version 4, with the fields its documentation lists. Unlike our own
+# bodies, unknown fields are accepted and ignored: the sender is another program that may
+# add fields within version 4, and refusing them would make it retry the notification
+# forever while no alert gets through. An incompatible payload changes `version`, which is
+# checked (400 naming it).
+Lenient = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class WebhookAlert(BaseModel):
+    model_config = Lenient
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] = {}
+    starts_at: str = Field(alias="startsAt", min_length=1, max_length=64)
+    ends_at: str = Field("", alias="endsAt", max_length=64)
+    generator_url: str = Field("", alias="generatorURL", max_length=4096)
+    fingerprint: str = Field(min_length=1, max_length=128)
+
+
+class AlertmanagerPayload(BaseModel):
+    model_config = Lenient
+    version: str
+    group_key: str = Field("", alias="groupKey")
+    truncated_alerts: int = Field(0, alias="truncatedAlerts", ge=0)
+    status: Literal["firing", "resolved"]
+    receiver: str = ""
+    group_labels: dict[str, str] = Field({}, alias="groupLabels")
+    common_labels: dict[str, str] = Field({}, alias="commonLabels")
+    common_annotations: dict[str, str] = Field({}, alias="commonAnnotations")
+    external_url: str = Field("", alias="externalURL")
+    alerts: list[WebhookAlert] = Field(max_length=10_000)
 
 
 def receive_notification(registry: Registry, payload: AlertmanagerPayload) -> list[dict[str, Any]]:
@@ -44,8 +76,7 @@ def receive_notification(registry: Registry, payload: AlertmanagerPayload) -> li
                 }
             )
             continue
-        outcome = receive_alert(
-            registry.db,
+        outcome = registry.receive_alert(
             fingerprint=alert.fingerprint,
             starts_at=alert.starts_at,
             labels=alert.labels,

@@ -58,7 +58,7 @@ second, only for windows that changed, and by `scores` / `report` on demand. Pro
 read once per version and cached. Memory: 4 bytes per prompt token in a window.
 
 This module holds the windows, the gauges and the background thread; the statistics and
-the scoring of one window are in serving/drift_signals.py.
+the scoring of one window are in serving/watch/drift_signals.py.
 """
 
 from __future__ import annotations
@@ -77,11 +77,11 @@ import numpy as np
 from registry import Registry
 from registry.errors import LorafleetError
 from registry.names import version_model
-from registry.profile import BaselineProfile
-from serving.drift_signals import (
+from registry.profile import SIGNALS, BaselineProfile
+from serving.metrics import DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_WINDOW_SAMPLES
+from serving.watch.drift_signals import (
     DEFAULT_THRESHOLDS,
     EPSILON,
-    SIGNALS,
     DriftSettings,
     Request,
     Signal,
@@ -90,7 +90,6 @@ from serving.drift_signals import (
     psi,
     token_counts,
 )
-from serving.metrics import DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_WINDOW_SAMPLES
 
 __all__ = [
     "DEFAULT_THRESHOLDS",

@@ -1,6 +1,6 @@
 """Drift signals: the statistics (PSI, Jensen-Shannon distance, shares) and the scoring of
 one window against a baseline profile, with gating on the profile and the sample count.
-What the signals mean and why their thresholds are what they are: serving/drift.py."""
+What the signals mean and why their thresholds are what they are: serving/watch/drift.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from registry.profile import LENGTH_EDGES, BaselineProfile
-from serving.config import ServeConfig
+from registry.profile import LENGTH_EDGES, SIGNALS, BaselineProfile
+from serving.serve_config import ServeConfig
 
-SIGNALS = ("prompt_length", "prompt_tokens", "completion_length", "length_stop_share", "feedback")
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "prompt_length": 0.25,
     "prompt_tokens": 0.2,

@@ -14,7 +14,6 @@ log). `close` writes what is pending.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -98,7 +97,7 @@ class RequestLogWriter:
             if self._stop.is_set() or now - self._pruned_at >= PRUNE_INTERVAL_S:
                 log.prune(max_rows_per_adapter=self.max_rows_per_adapter, max_age_s=self.max_age_s)
                 self._pruned_at = now
-        except (LorafleetError, sqlite3.Error, OSError) as err:
+        except (LorafleetError, OSError) as err:
             self.dropped += len(batch)
             logger.error("request log: %d rows dropped: %s", len(batch), err)
             return more

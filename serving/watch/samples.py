@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from registry.names import version_model
-from serving.drift import Key
+from serving.watch.drift import Key
 
 logger = logging.getLogger(__name__)
 STEP_S = 5.0  # one point per step
@@ -194,7 +194,7 @@ def _last_minute(tail: list[tuple[Bucket | None, float]]) -> dict[str, Any]:
 
 class DriftHistory:
     """Each tracked version's drift scores, sampled every `step_s` on a thread of its own
-    from `summary` (serving/drift.py `Drift.summary`), for the last `window_s` seconds."""
+    from `summary` (serving/watch/drift.py `Drift.summary`), for the last `window_s` seconds."""
 
     def __init__(
         self,

@@ -331,7 +331,7 @@ def test_cronjob_schedule_is_a_valid_cron_expression() -> None:
 
 
 def test_server_probes_port_annotations_and_serve_config() -> None:
-    from serving.config import ServeConfig
+    from serving.serve_config import ServeConfig
 
     docs = manifests()
     pod = docs[("Deployment", "lorafleet")]["spec"]["template"]

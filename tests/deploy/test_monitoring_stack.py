@@ -146,7 +146,7 @@ def test_drift_alert_reaches_the_webhook_with_labels_and_bearer_key(loop: Loop) 
 
 
 def test_real_alertmanager_payloads_fit_the_servers_webhook_schema(loop: Loop) -> None:
-    from serving.schemas import AlertmanagerPayload
+    from serving.watch.alert_intake import AlertmanagerPayload
 
     loop.stack.wait_for(lambda: loop.webhook.posts, 30, "a POST at the webhook")
     for post in loop.webhook.posts:

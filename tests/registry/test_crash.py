@@ -137,7 +137,7 @@ REGISTER_POINTS = [
     "register.stored",
     "register.committing",
 ]
-# What `fsck --repair` removes, as README's Safety paragraph promises: unreferenced files.
+# What `fsck --repair` removes, as docs/registry.md's Safety paragraph promises: unreferenced files.
 REPAIRABLE = ("orphan artifact", "unfinished registration")
 POOL = 10  # adapters with distinct content; a killed registration can be retried with its own
 

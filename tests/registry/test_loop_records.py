@@ -39,8 +39,13 @@ def test_job_lifecycle_writes_the_audit_chain(reg: Registry) -> None:
     assert jobs.claim_job(reg.db, actor="runner") is None
     jobs.heartbeat(reg.db, job.id, parent_version=1)
     done = jobs.finish_job(
-        reg.db, job.id, succeeded=True, actor="runner", summary="registered support@2",
-        version=2, result={"gate": {"passed": True}},
+        reg.db,
+        job.id,
+        succeeded=True,
+        actor="runner",
+        summary="registered support@2",
+        version=2,
+        result={"gate": {"passed": True}},
     )
     assert (done.state, done.parent_version, done.version) == ("succeeded", 1, 2)
     assert done.result == {"gate": {"passed": True}}
@@ -133,7 +138,10 @@ def test_alerts_dedupe_cooldown_and_unknown_adapters(reg: Registry) -> None:
     assert _alert(reg, "f5", "t5", adapter="support").outcome == "queued"
     outcomes = [(a["fingerprint"], a["outcome"]) for a in alerts.list_alerts(reg.db)]
     assert outcomes == [
-        ("f1", "queued"), ("f2", "cooldown"), ("f3", "ignored"), ("f4", "ignored"),
+        ("f1", "queued"),
+        ("f2", "cooldown"),
+        ("f3", "ignored"),
+        ("f4", "ignored"),
         ("f5", "queued"),
     ]
     actions = [e.action for e in reg.history("support")]
@@ -161,8 +169,9 @@ def test_settings_validate_and_bump_the_revision(reg: Registry) -> None:
 
 def test_feedback_review_selects_corrections(reg: Registry) -> None:
     ids = [
-        reg.add_feedback(f"cmpl-{i}", -1, adapter="support", version=1, prompt=f"p{i}",
-                         correction=f"c{i}")
+        reg.add_feedback(
+            f"cmpl-{i}", -1, adapter="support", version=1, prompt=f"p{i}", correction=f"c{i}"
+        )
         for i in range(3)
     ]
     reg.add_feedback("cmpl-x", 1, adapter="support", version=1, prompt="px")
@@ -179,7 +188,15 @@ def test_feedback_review_selects_corrections(reg: Registry) -> None:
 
 def _logged(i: int, adapter: str = "support", at: float | None = None) -> LoggedRequest:
     return LoggedRequest(
-        f"cmpl-{i}", adapter, 1, adapter, f"prompt {i}", f"out {i}", "stop", 3, 2,
+        f"cmpl-{i}",
+        adapter,
+        1,
+        adapter,
+        f"prompt {i}",
+        f"out {i}",
+        "stop",
+        3,
+        2,
         at if at is not None else time.time(),
     )
 
@@ -219,18 +236,17 @@ def test_registry_of_schema_1_is_migrated(reg: Registry) -> None:
 
 def test_cli_settings_feedback_and_requests(reg: Registry, cli: Callable[..., Any]) -> None:
     home = reg.home
-    out = cli("registry", "settings", "support", "canary_weight=0.3", "request_log=false",
-              home=home)
+    out = cli(
+        "registry", "settings", "support", "canary_weight=0.3", "request_log=false", home=home
+    )
     assert out.returncode == 0, out.stderr
     assert "canary_weight                    0.3" in out.stdout
     bad = cli("registry", "settings", "support", "canary_weight=2", home=home)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "canary_weight" in bad.stderr and "less than or equal to 1" in bad.stderr
-    fid = reg.add_feedback("cmpl-1", -1, adapter="support", version=1, prompt="p",
-                           correction="c")
+    fid = reg.add_feedback("cmpl-1", -1, adapter="support", version=1, prompt="p", correction="c")
     assert cli("registry", "feedback", "accept", str(fid), home=home).returncode == 0
-    listed = json.loads(cli("registry", "feedback", "list", "support", "--json",
-                            home=home).stdout)
+    listed = json.loads(cli("registry", "feedback", "list", "support", "--json", home=home).stdout)
     assert [(r["id"], r["review"]) for r in listed] == [(fid, "accepted")]
     reg.request_log.append([_logged(1)])
     lines = cli("registry", "requests", "support", home=home).stdout.splitlines()
@@ -253,12 +269,18 @@ def test_a_job_finishes_with_its_canary_in_one_transaction(
         jobs.claim_job(reg.db, actor="runner2", job_id=second.id)
     revision = reg.revision()
     done = jobs.finish_job(
-        reg.db, first.id, succeeded=True, actor="runner", summary="registered support@2",
-        version=2, canary=(0.3, "gate passed"),
+        reg.db,
+        first.id,
+        succeeded=True,
+        actor="runner",
+        summary="registered support@2",
+        version=2,
+        canary=(0.3, "gate passed"),
     )
     assert done.state == "succeeded" and reg.revision() == revision + 1
     assert {(a.alias, a.version, a.weight) for a in reg.aliases("support")} == {
-        ("production", 1, None), ("canary", 2, 0.3),
+        ("production", 1, None),
+        ("canary", 2, 0.3),
     }
     assert [e.action for e in reg.history("support")][-2:] == ["job.succeeded", "alias.set"]
     assert jobs.claim_job(reg.db, actor="runner2") is not None

@@ -7,7 +7,7 @@ bounded. `make test` runs it for 20 s; `make chaos` for LORAFLEET_CHURN_S (defau
 
 It found that requests waiting for a slot filled the event loop's default executor (6
 threads on 2 cores) and stalled every other miss past 60 s; loads now wait on threads of
-their own (serving/server.py LOADER_THREADS)."""
+their own (serving/runtime/admission.py LOADER_THREADS)."""
 
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ def test_uploads_are_decoded_into_a_private_directory_and_removed(
     import tempfile
 
     from serving.errors import BadRequest
-    from serving.uploads import unpacked
+    from serving.http.uploads import unpacked
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     files = {"adapter_config.json": base64.b64encode(b'{"r": 4}').decode()}

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.schemas import MAX_PROMPT_CHARS
+from serving.http.schemas import MAX_PROMPT_CHARS
 
 Service = Any  # the running server of conftest's `serve` fixture
 
@@ -255,10 +255,10 @@ def test_a_stream_left_before_its_first_event_is_freed(home: Path, tiny_base: Pa
     """The client is gone when the response starts and sending the headers yields, so
     Starlette's disconnect watcher cancels the response before its event generator ever
     runs: the request must still be cancelled and leave nothing in flight."""
-    from serving.app import GenerationStream
-    from serving.config import ServeConfig
-    from serving.schemas import CompletionRequest
-    from serving.server import Server
+    from serving.http.app import GenerationStream
+    from serving.http.schemas import CompletionRequest
+    from serving.runtime.server import Server
+    from serving.serve_config import ServeConfig
 
     server = Server(ServeConfig(base=tiny_base, home=home, drift=False, request_log=False))
     sent: list[dict[str, Any]] = []
@@ -273,10 +273,10 @@ def test_a_stream_left_before_its_first_event_is_freed(home: Path, tiny_base: Pa
     async def leave() -> None:
         body = CompletionRequest(model="base", prompt="The customer sends", max_tokens=64)
         generation = await server.start(body, body.prompt, chat=False, session=None)
-        assert server._in_flight == 1
+        assert server.in_flight == 1
         stream = GenerationStream(server, generation, chat=False, headers={})
         await stream({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
-        assert generation.finish_reason == "cancelled" and server._in_flight == 0
+        assert generation.finish_reason == "cancelled" and server.in_flight == 0
 
     try:
         asyncio.run(leave())

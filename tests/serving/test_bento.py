@@ -26,7 +26,7 @@ def test_bentoml_build_offline(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     (bento,) = [p for p in (tmp_path / "bentos" / "lorafleet").iterdir() if p.name != "latest"]
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert manifest["service"] == "serving.service:LoraFleet"
+    assert manifest["service"] == "serving.http.service:LoraFleet"
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback"):
         assert path in manifest["schema"]["paths"], path
     assert (bento / "src" / "serving" / "engines" / "hf.py").is_file()

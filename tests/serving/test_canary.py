@@ -15,8 +15,8 @@ from registry.errors import AliasConflict, NotFound
 from registry.requestlog import LoggedRequest, RequestLog
 from registry.settings import AdapterSettings
 from registry.verdicts import decide_canary
-from serving.canary import CanaryStats, VersionStats, compare_stats
-from serving.requestlog import RequestLogWriter
+from serving.watch.canary_stats import CanaryStats, VersionStats, compare_stats
+from serving.watch.request_writer import RequestLogWriter
 
 THRESHOLDS = {"prompt_tokens": 0.2, "feedback": 0.25}
 

@@ -3,7 +3,7 @@ JSON routes and in headless Chromium (Debian's chromium + chromium-driver, drive
 selenium; no browser is downloaded). One server for the module; the tests run in order.
 
 The screenshot of the page goes to tests/artifacts/dashboard.png (LORAFLEET_ARTIFACTS
-overrides the folder); the README shows a copy of it.
+overrides the folder); docs/serving.md shows a copy of it.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ import pytest
 from pydantic import ValidationError
 
 from registry.profile import BaselineProfile, build_profile
-from serving.config import ServeConfig
-from serving.drift import EPSILON, SIGNALS, Drift, DriftSettings, js_distance, psi
 from serving.metrics import DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_WINDOW_SAMPLES
+from serving.serve_config import ServeConfig
+from serving.watch.drift import EPSILON, SIGNALS, Drift, DriftSettings, js_distance, psi
 
 # ---- statistics ---------------------------------------------------------------------------
 

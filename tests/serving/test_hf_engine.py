@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from serving.engine import GenerationRequest, SamplingParams, TokenEvent
 from serving.engines.hf import HFEngine
+from serving.engines.seam import GenerationRequest, SamplingParams, TokenEvent
 from serving.errors import NoFreeSlot, NotServable, Overloaded
 
 
@@ -94,13 +94,38 @@ def test_mixed_batches_equal_peft_one_request_at_a_time(
 
 
 def test_seeded_sampling_repeats(engine: HFEngine) -> None:
-    runs = [
-        submit(engine, [5, 6, 7], "a@1", max_new_tokens=10, temperature=0.9, top_p=0.9, seed=3)
-        for _ in range(2)
-    ]
+    """A seed repeats its tokens, another seed gives others (so the seed is used)."""
+
+    def sample(seed: int) -> Collector:
+        return submit(
+            engine, [5, 6, 7], "a@1", max_new_tokens=16, temperature=0.9, top_p=0.9, seed=seed
+        )
+
+    runs = [sample(3), sample(3), sample(4)]
     for r in runs:
         assert r.done.wait(60)
     assert runs[0].tokens == runs[1].tokens and len(runs[0].tokens) > 0
+    assert runs[0].tokens != runs[2].tokens
+
+
+def test_temperature_shapes_the_distribution(engine: HFEngine) -> None:
+    """Over many seeds, the first sampled token stays on the greedy token at a low
+    temperature and spreads over many tokens at a high one (so temperature is applied)."""
+    greedy = submit(engine, [5, 6, 7], max_new_tokens=1)
+    assert greedy.done.wait(60)
+
+    def first_tokens(temperature: float) -> list[int]:
+        runs = [
+            submit(engine, [5, 6, 7], max_new_tokens=1, temperature=temperature, seed=seed)
+            for seed in range(24)
+        ]
+        for r in runs:
+            assert r.done.wait(60)
+        return [r.tokens[0] if r.tokens else -1 for r in runs]  # -1: eos came first
+
+    cold, hot = first_tokens(0.05), first_tokens(5.0)
+    assert cold.count(greedy.tokens[0]) >= 22, cold
+    assert hot.count(greedy.tokens[0]) <= 12 and len(set(hot)) >= 6, hot
 
 
 def test_cancel_frees_the_row(engine: HFEngine) -> None:

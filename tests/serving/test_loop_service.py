@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from registry import Registry
 from registry.jobs import list_jobs, queue_job
-from serving.routing import sticky_uniform
+from serving.runtime.routing import sticky_uniform
 
 Service = Any  # the running server of conftest's `serve` fixture
 PROMPT = "Review: the pizza was great.\nSentiment:"

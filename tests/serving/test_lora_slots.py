@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from serving.engines.lora_slots import AdapterSlots, read_adapter
 from serving.errors import NotServable
-from serving.lora_slots import AdapterSlots, read_adapter
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from registry import Registry
 from registry.errors import CorruptArtifact
 from serving.engines.hf import HFEngine
 from serving.errors import Overloaded
-from serving.residency import Residency
-from serving.routing import Target
+from serving.runtime.residency import Residency
+from serving.runtime.routing import Target
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 from registry.errors import NotFound
 from registry.names import parse_model_ref
-from serving.routing import AliasMap, Router, Target
+from serving.runtime.routing import AliasMap, Router, Target
 
 ALIASES = AliasMap(
     revision=7,

@@ -1,4 +1,4 @@
-"""The dashboard's in-memory series (serving/samples.py) on a clock the test moves."""
+"""The dashboard's in-memory series (serving/watch/samples.py) on a clock the test moves."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from serving.samples import MAX_LATENCIES, DriftHistory, Traffic
+from serving.watch.samples import MAX_LATENCIES, DriftHistory, Traffic
 
 
 class Clock:

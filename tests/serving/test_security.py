@@ -35,7 +35,7 @@ from fastapi.testclient import TestClient
 from registry import Registry
 from registry.basemodel import PICKLE_SUFFIXES
 from registry.errors import AdapterWeightsError, InvalidAdapter, InvalidName
-from serving.app import app
+from serving.http.app import app
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +193,7 @@ def test_keys_are_never_logged(service: Running) -> None:
 
 
 def test_inference_key_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.cli import add_serve_commands
+    from serving.cli.serve import add_serve_commands
 
     def parse(*argv: str) -> Any:
         parser = argparse.ArgumentParser()

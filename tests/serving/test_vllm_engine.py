@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 RUN_ENGINE = """
 import json, sys, threading, uuid
-from serving.engine import GenerationRequest, SamplingParams
+from serving.engines.seam import GenerationRequest, SamplingParams
 from serving.engines.vllm import VLLMEngine
 
 def main():

@@ -1,0 +1,1 @@
+"""The serving commands of `lorafleet`: serve, drift report, canary status and verdicts."""

@@ -1,0 +1,110 @@
+"""One admitted request (Generation), what the HTTP layer asks for (SamplingRequest), the
+response ids the client sees, and the relay of token events from the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from serving.engines.seam import TokenEvent
+from serving.runtime.routing import Target
+
+RESPONSE_PREFIXES = ("chatcmpl-", "cmpl-")
+
+
+def response_id(request_id: str, *, chat: bool) -> str:
+    """The id a client gets for a request: chatcmpl-ID (chat) or cmpl-ID (completions)."""
+    return f"{RESPONSE_PREFIXES[0] if chat else RESPONSE_PREFIXES[1]}{request_id}"
+
+
+def request_id_of(response: str) -> str:
+    """The request id inside a response id (either prefix, or none)."""
+    for prefix in RESPONSE_PREFIXES:
+        if response.startswith(prefix):
+            return response.removeprefix(prefix)
+    return response
+
+
+class SamplingRequest(Protocol):
+    """The fields of a completion or chat request that admission reads (serving/http's
+    request schemas have them)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
+    def stop_list(self) -> list[str]:
+        """The stop strings; ValueError naming the bound if there are too many."""
+        ...
+
+
+@dataclass
+class Generation:
+    """One admitted request: its id, what serves it, and its token events."""
+
+    id: str
+    target: Target | None
+    prompt: str
+    prompt_tokens: int
+    stops: list[str]
+    queue: asyncio.Queue[TokenEvent]
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: str = ""  # handed to the client so far
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # until drift records it
+    model: str = ""  # the request's model field
+    chat: bool = False
+    consumed: bool = False  # deltas() began; it frees the request when it ends
+    revision: int = 0  # registry revision of the alias map that resolved it
+
+    @property
+    def response_id(self) -> str:
+        """The id the client got: chatcmpl-... or cmpl-..."""
+        return response_id(self.id, chat=self.chat)
+
+    @property
+    def served(self) -> str:
+        return self.target.key if self.target else "base"
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """Metric labels: adapter and version ("base", "0" for the base model)."""
+        t = self.target
+        return (t.adapter, str(t.version)) if t else ("base", "0")
+
+
+class Relay:
+    """Hands token events from the engine thread to an event loop, one wake-up for all the
+    events pushed before the loop runs (a decode step ends with one event per running
+    request; a wake-up each cost the loop and the engine thread the GIL 32 times a step)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, queue: asyncio.Queue[TokenEvent], event: TokenEvent) -> None:
+        with self._lock:
+            self._items.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for queue, event in items:
+            queue.put_nowait(event)
