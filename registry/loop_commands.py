@@ -11,8 +11,8 @@ from pathlib import Path
 
 from registry.arguments import emit
 from registry.errors import LorafleetError
+from registry.loop_records import AdapterSettings, parse_assignments
 from registry.registry import Registry
-from registry.settings import AdapterSettings, parse_assignments
 
 
 def add_loop_commands(

@@ -1,13 +1,14 @@
 """The registry's records: versions, aliases, history entries and version metadata.
 
 `VersionMetadata` is the schema of `lorafleet.json`, the file a tuning run writes beside
-its adapter; `register` reads it from the adapter directory (or from --metadata).
+its adapter; `register` reads it from the adapter directory (or from --metadata). The
+records of the watch-and-retrain loop are in registry/loop_records.py; registry/storage/
+builds both from its rows.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,28 +105,6 @@ class VersionRecord:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ref": self.ref, "engines": self.engines}
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row, aliases: list[str]) -> VersionRecord:
-        return cls(
-            adapter=row["adapter"],
-            version=row["version"],
-            digest=row["digest"],
-            state=row["state"],
-            created_at=row["created_at"],
-            actor=row["actor"],
-            rank=row["rank"],
-            alpha=row["alpha"],
-            size_bytes=row["size_bytes"],
-            base_fingerprint=row["base_fingerprint"],
-            target_modules=json.loads(row["target_modules"]),
-            features=json.loads(row["features"]),
-            unservable=json.loads(row["unservable"]),
-            metadata=json.loads(row["metadata"]),
-            aliases=aliases,
-            archived_at=row["archived_at"],
-            purged=bool(row["purged"]),
-        )
-
 
 @dataclass(frozen=True)
 class AliasRecord:
@@ -140,17 +119,6 @@ class AliasRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> AliasRecord:
-        return cls(
-            adapter=row["adapter"],
-            alias=row["alias"],
-            version=row["version"],
-            weight=row["weight"],
-            updated_at=row["updated_at"],
-            revision=row["revision"],
-        )
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,21 @@ register = validate -> hash -> copy to a temporary directory -> fsync -> rename 
 -> one transaction. A version becomes visible only with that transaction's commit, so a kill
 at any point leaves no partial version; `fsck` finds and removes the unreferenced files a
 kill can leave. Alias moves are single transactions that also append to the history.
+
+`Registry` holds no SQL: it calls the functions of registry/storage/, the one place that
+talks to the database.
 """
 
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
-from registry import aliases, feedback, fleet, maintenance, settings, verdicts
-from registry.alerts import AlertOutcome, receive_alert
 from registry.artifacts import ArtifactStore, LocalArtifactStore
-from registry.basemodel import BaseModelInfo, inspect_base
-from registry.database import SCHEMA_VERSION, Database, Transaction
+from registry.basemodel import inspect_base
 from registry.errors import (
     AliasConflict,
     AlreadyInitialized,
@@ -31,9 +30,8 @@ from registry.errors import (
     NotInitialized,
 )
 from registry.faults import pause_point
-from registry.history import insert_event, list_events, utc_now
-from registry.jobs import Jobs
-from registry.maintenance import FsckReport
+from registry.jobs_api import Jobs
+from registry.loop_records import AdapterSettings, AlertOutcome, Verdict, VerdictRecord
 from registry.names import ModelRef, check_name, parse_model_ref
 from registry.records import (
     METADATA_FILE,
@@ -44,8 +42,12 @@ from registry.records import (
     VersionRecord,
     load_metadata,
 )
-from registry.requestlog import RequestLog
-from registry.settings import AdapterSettings
+from registry.storage import aliases, feedback, fleet, maintenance, settings, verdicts, versions
+from registry.storage.alerts import receive_alert
+from registry.storage.history import insert_event, list_events
+from registry.storage.maintenance import FsckReport
+from registry.storage.requestlog import RequestLog
+from registry.storage.sqlite import Database, Transaction
 from registry.validation import AdapterReport, validate_adapter
 
 HOME_ENV = "LORAFLEET_HOME"
@@ -81,15 +83,15 @@ class Registry:
         if not db_path.is_file():
             raise missing
         self.db = Database(db_path, busy_timeout_s)
-        rows = self.db.query("SELECT base FROM registry WHERE id = 1")
-        if not rows:
+        base = versions.read_base(self.db)
+        if base is None:
             self.db.close()
             raise missing
-        self.base = BaseModelInfo.from_dict(json.loads(rows[0]["base"]))
+        self.base = base
         self.artifacts: ArtifactStore = LocalArtifactStore(self.home / "artifacts")
         self._request_log: RequestLog | None = None
         self.jobs = Jobs(self.db)
-        """Retraining jobs and schedules (registry/jobs.py)."""
+        """Retraining jobs and schedules (registry/jobs_api.py)."""
 
     @classmethod
     def create(
@@ -114,33 +116,22 @@ class Registry:
         db = Database(home_path / DB_FILE, busy_timeout_s)
         try:
             with db.write("init") as txn:
-                row = txn.execute(
-                    "SELECT base_fingerprint, max_rank FROM registry WHERE id = 1"
-                ).fetchone()
-                if row is None:
-                    txn.execute(
-                        "INSERT INTO registry VALUES (1, ?, 0, ?, ?, ?, ?)",
-                        (
-                            SCHEMA_VERSION,
-                            utc_now(),
-                            max_rank or DEFAULT_MAX_RANK,
-                            info.fingerprint,
-                            json.dumps(info.to_dict()),
-                        ),
-                    )
+                bound_base, bound_rank = versions.bound_base_in(txn) or (None, None)
+                if bound_base is None:
+                    versions.insert_registry(txn, info, max_rank or DEFAULT_MAX_RANK)
                     insert_event(txn, actor=actor, reason=info.path, action="init")
-                elif row["base_fingerprint"] != info.fingerprint:
+                elif bound_base != info.fingerprint:
                     raise AlreadyInitialized(
-                        f"registry at {home_path} is bound to base {row['base_fingerprint']}, "
+                        f"registry at {home_path} is bound to base {bound_base}, "
                         f"not {info.fingerprint} ({info.path}); use another --home "
                         f"({HOME_ENV}) for that base"
                     )
-                elif max_rank is not None and row["max_rank"] != max_rank:
-                    txn.execute("UPDATE registry SET max_rank = ? WHERE id = 1", (max_rank,))
+                elif max_rank is not None and bound_rank != max_rank:
+                    versions.set_max_rank(txn, max_rank)
                     insert_event(
                         txn,
                         actor=actor,
-                        reason=f"max rank {row['max_rank']} -> {max_rank}",
+                        reason=f"max rank {bound_rank} -> {max_rank}",
                         action="limits",
                     )
         finally:
@@ -156,53 +147,37 @@ class Registry:
 
     @property
     def max_rank(self) -> int:
-        return int(self.db.query("SELECT max_rank FROM registry WHERE id = 1")[0][0])
+        return versions.max_rank(self.db)
 
     def revision(self) -> int:
         """The change feed: increases with every write; cheap enough to poll."""
-        return int(self.db.query("SELECT revision FROM registry WHERE id = 1")[0][0])
+        return versions.revision(self.db)
 
     def info(self) -> dict[str, Any]:
-        row = self.db.query("SELECT * FROM registry WHERE id = 1")[0]
-        counts = self.db.query(
-            "SELECT COUNT(DISTINCT adapter), COUNT(*), COALESCE(SUM(state = 'archived'), 0)"
-            " FROM versions"
-        )[0]
+        state = versions.registry_state(self.db)
         return {
             "home": str(self.home),
-            "revision": row["revision"],
-            "created_at": row["created_at"],
-            "max_rank": row["max_rank"],
+            "revision": state["revision"],
+            "created_at": state["created_at"],
+            "max_rank": state["max_rank"],
             "base_fingerprint": self.base.fingerprint,
             "base_path": self.base.path,
             "base_model_type": self.base.model_type,
-            "adapters": counts[0],
-            "versions": counts[1],
-            "archived_versions": counts[2],
+            "adapters": state["adapters"],
+            "versions": state["versions"],
+            "archived_versions": state["archived_versions"],
         }
 
-    def _aliases_by_version(self, adapter: str) -> dict[int, list[str]]:
-        held: dict[int, list[str]] = {}
-        for row in self.db.query(
-            "SELECT alias, version FROM aliases WHERE adapter = ? ORDER BY alias", (adapter,)
-        ):
-            held.setdefault(row["version"], []).append(row["alias"])
-        return held
-
     def adapter_names(self) -> list[str]:
-        rows = self.db.query("SELECT DISTINCT adapter FROM versions ORDER BY adapter")
-        return [r[0] for r in rows]
+        return versions.adapter_names(self.db)
 
     def list_versions(self, adapter: str) -> list[VersionRecord]:
         """All versions of `adapter`, oldest first; NotFound if it has none."""
         check_name(adapter)
-        rows = self.db.query(
-            "SELECT * FROM versions WHERE adapter = ? ORDER BY version", (adapter,)
-        )
-        if not rows:
+        records = versions.list_versions(self.db, adapter)
+        if not records:
             raise NotFound(self._unknown_adapter(adapter))
-        held = self._aliases_by_version(adapter)
-        return [VersionRecord.from_row(r, held.get(r["version"], [])) for r in rows]
+        return records
 
     def _unknown_adapter(self, adapter: str) -> str:
         names = self.adapter_names()
@@ -218,12 +193,7 @@ class Registry:
         raise NotFound(f"adapter {adapter!r} has no version {version}; its versions: {have}")
 
     def aliases(self, adapter: str | None = None) -> list[AliasRecord]:
-        sql = "SELECT * FROM aliases"
-        params: tuple[Any, ...] = ()
-        if adapter is not None:
-            sql, params = sql + " WHERE adapter = ?", (adapter,)
-        rows = self.db.query(sql + " ORDER BY adapter, alias", params)
-        return [AliasRecord.from_row(r) for r in rows]
+        return versions.list_aliases(self.db, adapter)
 
     def resolve(self, ref: str | ModelRef) -> VersionRecord:
         """The version a reference (``NAME``, ``NAME:ALIAS``, ``NAME@VERSION``) points at."""
@@ -232,15 +202,15 @@ class Registry:
             raise InvalidName("'base' is the base model, not an adapter version")
         if parsed.version is not None:
             return self.get_version(parsed.adapter, parsed.version)
-        versions = self.list_versions(parsed.adapter)
-        for record in versions:
+        records = self.list_versions(parsed.adapter)
+        for record in records:
             if parsed.alias in record.aliases:
                 return record
         held = [f"{a.alias} -> {a.version}" for a in self.aliases(parsed.adapter)]
         raise NotFound(
             f"adapter {parsed.adapter!r} has no alias {parsed.alias!r}; its aliases: "
             f"{', '.join(held) or 'none'}; versions: "
-            f"{', '.join(str(r.version) for r in versions)} (use {parsed.adapter}@VERSION)"
+            f"{', '.join(str(r.version) for r in records)} (use {parsed.adapter}@VERSION)"
         )
 
     def history(
@@ -257,19 +227,11 @@ class Registry:
 
     def serving_snapshot(self) -> tuple[int, list[AliasRecord], dict[str, dict[int, str]]]:
         """Revision, aliases and version states read in one consistent snapshot."""
-        with self.db.snapshot() as conn:
-            revision = int(conn.execute("SELECT revision FROM registry").fetchone()[0])
-            aliases = [
-                AliasRecord.from_row(r)
-                for r in conn.execute("SELECT * FROM aliases ORDER BY adapter, alias")
-            ]
-            states: dict[str, dict[int, str]] = {}
-            for r in conn.execute("SELECT adapter, version, state FROM versions"):
-                states.setdefault(r["adapter"], {})[r["version"]] = r["state"]
-        return revision, aliases, states
+        return versions.serving_snapshot(self.db)
 
     def add_feedback(self, response_id: str, score: float, **fields: Any) -> int:
-        """Store feedback on one served response, for retraining (see registry/feedback.py)."""
+        """Store feedback on one served response, for retraining
+        (registry/storage/feedback.py)."""
         return feedback.add_feedback(self.db, response_id, score, **fields)
 
     def feedback(self, adapter: str | None = None) -> list[dict[str, Any]]:
@@ -282,7 +244,7 @@ class Registry:
 
     def corrections(self, adapter: str, policy: str) -> list[dict[str, Any]]:
         """Feedback corrections of `adapter` that retraining may use under `policy`
-        (accepted, all or none; registry/feedback.py)."""
+        (accepted, all or none; registry/storage/feedback.py)."""
         return feedback.corrections(self.db, adapter, policy)
 
     def settings(self, adapter: str) -> AdapterSettings:
@@ -295,7 +257,7 @@ class Registry:
 
     def fleet_snapshot(self, *, events: int = 50, jobs: int = 50) -> dict[str, Any]:
         """The whole fleet in one read: versions, aliases, settings, the newest `events`
-        history events and `jobs` jobs (registry/fleet.py)."""
+        history events and `jobs` jobs (registry/storage/fleet.py)."""
         return fleet.fleet_snapshot(self.db, events=events, jobs=jobs)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -303,7 +265,7 @@ class Registry:
     def receive_alert(
         self, *, fingerprint: str, starts_at: str, labels: dict[str, str], actor: str
     ) -> AlertOutcome:
-        """Record one firing alert; maybe queue a retraining job (registry/alerts.py)."""
+        """Record one firing alert; maybe queue a retraining job (registry/storage/alerts.py)."""
         return receive_alert(
             self.db, fingerprint=fingerprint, starts_at=starts_at, labels=labels, actor=actor
         )
@@ -311,14 +273,14 @@ class Registry:
     def decide_canary(
         self,
         adapter: str,
-        verdict: verdicts.Verdict,
+        verdict: Verdict,
         *,
         actor: str,
         reason: str,
         version: int | None = None,
-    ) -> verdicts.VerdictRecord:
+    ) -> VerdictRecord:
         """Promote or roll back `adapter`'s canary; with `version`, only if the canary still
-        points at it (registry/verdicts.py)."""
+        points at it (registry/storage/verdicts.py)."""
         return verdicts.decide_canary(
             self.db, adapter, verdict, actor=actor, reason=reason, version=version
         )
@@ -413,31 +375,17 @@ class Registry:
             pause_point("register.stored")
             with self.db.write("register") as txn:
                 self._refuse_duplicate(adapter, digest, txn)
-                row = txn.execute(
-                    "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE adapter = ?",
-                    (adapter,),
-                ).fetchone()
-                version = int(row[0])
-                txn.execute(
-                    "INSERT INTO versions (adapter, version, digest, state, created_at, actor,"
-                    " rank, alpha, size_bytes, base_fingerprint, target_modules, features,"
-                    " unservable, metadata)"
-                    " VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        adapter,
-                        version,
-                        digest,
-                        utc_now(),
-                        actor,
-                        report.rank,
-                        report.alpha,
-                        size,
-                        self.base.fingerprint,
-                        json.dumps(report.target_modules),
-                        json.dumps(report.features),
-                        json.dumps(report.unservable),
-                        meta.model_dump_json(),
-                    ),
+                version = versions.next_version_in(txn, adapter)
+                versions.insert_version(
+                    txn,
+                    adapter,
+                    version,
+                    digest=digest,
+                    actor=actor,
+                    report=report,
+                    size_bytes=size,
+                    base_fingerprint=self.base.fingerprint,
+                    metadata=meta,
                 )
                 insert_event(
                     txn,
@@ -451,14 +399,9 @@ class Registry:
         return self.get_version(adapter, version)
 
     def _refuse_duplicate(self, adapter: str, digest: str, txn: Transaction | None = None) -> None:
-        sql = "SELECT version, state FROM versions WHERE adapter = ? AND digest = ?"
-        rows = (
-            txn.execute(sql, (adapter, digest)).fetchall()
-            if txn
-            else self.db.query(sql, (adapter, digest))
-        )
-        if rows:
-            version, state = rows[0]["version"], rows[0]["state"]
+        held = versions.version_with_digest(txn if txn else self.db, adapter, digest)
+        if held:
+            version, state = held
             raise DuplicateContent(
                 f"adapter {adapter!r} version {version} ({state}) already has this content "
                 f"(sha256 {digest[:12]}); nothing registered: use {adapter}@{version}"
@@ -524,7 +467,7 @@ class Registry:
         self, adapter: str, alias: str = "production", *, actor: str | None = None, reason: str = ""
     ) -> AliasMove:
         """Move `alias` back to the holder it had before its last move (repeatable)."""
-        if not self.db.query("SELECT 1 FROM versions WHERE adapter = ? LIMIT 1", (adapter,)):
+        if not versions.has_versions(self.db, adapter):
             raise NotFound(self._unknown_adapter(adapter))
         return aliases.rollback_alias(
             self.db, adapter, alias, actor=actor or default_actor(), reason=reason
@@ -547,24 +490,14 @@ class Registry:
         check_name(adapter)
         with self.db.write("archive") as txn:
             aliases.require_active(txn, adapter, version, "archive it again")
-            held = [
-                r[0]
-                for r in txn.execute(
-                    "SELECT alias FROM aliases WHERE adapter = ? AND version = ? ORDER BY alias",
-                    (adapter, version),
-                )
-            ]
+            held = versions.holders_in(txn, adapter, version)
             if held:
                 raise AliasConflict(
                     f"{adapter}@{version} is held by alias {', '.join(held)}; move "
                     f"{'them' if len(held) > 1 else 'it'} to another version first "
                     f"(lorafleet registry promote {adapter} VERSION --to {held[0]})"
                 )
-            txn.execute(
-                "UPDATE versions SET state = 'archived', archived_at = ? WHERE adapter = ?"
-                " AND version = ?",
-                (utc_now(), adapter, version),
-            )
+            versions.mark_archived(txn, adapter, version)
             insert_event(
                 txn,
                 actor=actor or default_actor(),

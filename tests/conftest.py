@@ -1,7 +1,11 @@
 """Shared fixtures: tiny base models and adapters are built once per session and reused.
 
 Everything is real: base models built by `tuning.tinymodel`, adapters written by peft,
-registries in SQLite under tmp_path, the CLI run as a subprocess.
+registries in SQLite under tmp_path, the CLI run as a subprocess. Servers come two ways:
+`serve` starts `lorafleet serve` (BentoML) on a free port, for what needs a process of its
+own (BentoML's probes, /metrics and access logs, sockets, kills, the browser, Prometheus);
+`serve_in_process` runs the same HTTP app over a real Server in this process, for cases of
+the HTTP layer (validation, error bodies, keys, routes, admin calls, response shapes).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import httpx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -197,20 +204,37 @@ ADMIN_KEY = "test-admin-key"
 
 
 class Service:
-    """A running `lorafleet serve` process and clients for it."""
+    """A running server and clients for it: a `lorafleet serve` process (`serve`) or the
+    HTTP app in this process (`serve_in_process`, whose `http` is a TestClient)."""
 
-    def __init__(self, url: str, home: Path, adapters: dict[str, Path], base: Path) -> None:
+    def __init__(
+        self,
+        url: str,
+        home: Path,
+        adapters: dict[str, Path],
+        base: Path,
+        http: httpx.Client | None = None,
+    ) -> None:
         import httpx
         import openai
 
         self.url, self.home, self.adapters, self.base = url, home, adapters, base
         self.admin_key = ADMIN_KEY
         self.pid = 0
-        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        self.http = httpx.Client(base_url=url, timeout=60)
+        self.server: Any = None  # the Server itself, in process only
+        self.http = http if http is not None else httpx.Client(base_url=url, timeout=60)
+        self.client = openai.OpenAI(
+            base_url=f"{url}/v1", api_key="unused", max_retries=0, http_client=http
+        )
 
-    def admin(self, path: str, body: dict[str, object] | None = None, key: str = ADMIN_KEY) -> Any:
-        headers = {"Authorization": f"Bearer {key}", "X-Lorafleet-Actor": "tester"}
+    def admin(
+        self, path: str, body: dict[str, object] | None = None, key: str | None = None
+    ) -> Any:
+        """GET (no body) or POST `path` with the admin key (or `key`), as actor `tester`."""
+        headers = {
+            "Authorization": f"Bearer {self.admin_key if key is None else key}",
+            "X-Lorafleet-Actor": "tester",
+        }
         if body is None:
             return self.http.get(path, headers=headers)
         return self.http.post(path, json=body, headers=headers)
@@ -286,6 +310,61 @@ def serve() -> Callable[..., AbstractContextManager[Service]]:
                 proc.wait()
 
     return run
+
+
+# ---- the HTTP app in this process: cases of the HTTP layer, no BentoML -----------------------
+
+
+@pytest.fixture(scope="session")
+def serve_in_process() -> Callable[..., AbstractContextManager[Service]]:
+    """serve_in_process(home, base, adapters, **options): serving/http/app.py's app over a
+    real Server (hf engine, the admin key of `serve`; `options` are ServeConfig fields) in
+    this process, driven by starlette's TestClient: the routes, key check, request limits,
+    errors and response shapes as `lorafleet serve` runs them, without BentoML, a socket or
+    the start-up of a process. One at a time (the app holds one server): the Server is
+    closed and `app.state.server` restored when the block ends, whatever happens."""
+    from fastapi.testclient import TestClient
+
+    from serving.http.app import app
+    from serving.runtime.server import Server
+    from serving.serve_config import ServeConfig
+
+    @contextmanager
+    def run(home: Path, base: Path, adapters: dict[str, Path], **options: Any) -> Iterator[Service]:
+        previous = getattr(app.state, "server", None)
+        if previous is not None:
+            raise RuntimeError(f"the app already serves {previous!r}; one server at a time")
+        config = ServeConfig(
+            **{"base": base, "home": home, "engine": "hf", "api_key": ADMIN_KEY, **options}
+        )
+        server = Server(config)
+        try:
+            app.state.server = server
+            # The block keeps one event loop for every request, as a server's worker does.
+            with TestClient(app, base_url="http://testserver") as http:
+                service = Service("http://testserver", home, adapters, base, http=http)
+                service.server, service.admin_key = server, config.api_key or ""
+                yield service
+        finally:
+            app.state.server = previous
+            server.close()
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def alpha_app(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve_in_process: Callable[..., AbstractContextManager[Service]],
+) -> Iterator[Service]:
+    """The app in this process over `one_adapter_home` (alpha@1, production) with
+    ServeConfig's defaults and no canary verdicts: one per test module."""
+    home = tmp_path_factory.mktemp("alpha-app") / "home"
+    adapters = one_adapter_home(home, tiny_base, adapter_factory)
+    with serve_in_process(home, tiny_base, adapters, canary_verdicts=False) as service:
+        yield service
 
 
 # ---- monitoring: real Prometheus and Alertmanager (tests/monitoring.py) ---------------------

@@ -1,6 +1,7 @@
 """The layout rules of docs/architecture.md, checked on the source: imports point one way
 (across packages and between the rooms of serving/), no two modules share a name, serving's
-modules stay short, and only registry/ touches the database."""
+modules stay short, only registry/ touches the database, and all SQL lives in
+registry/storage/."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ SERVING_ROOMS = {
 SHARED_NAMES = {"__init__.py", "__main__.py", "errors.py"}
 MAX_SERVING_LINES = 400
 SQL = re.compile(r"\b(SELECT\s.+\sFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM)\b", re.I)
+STORAGE = "registry.storage"
+# The packages that are not registry/ but import it: none of them may import its storage.
+OUTSIDE_REGISTRY = ("tuning", "serving", "loadtests", "examples")
 
 
 def modules(*packages: str) -> list[Path]:
@@ -46,6 +50,20 @@ def imported(path: Path) -> set[str]:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
     return found
+
+
+def is_storage(module: str) -> bool:
+    """registry.storage or a module inside it."""
+    return module == STORAGE or module.startswith(STORAGE + ".")
+
+
+def sql_texts(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of each string constant of `path` that holds SQL."""
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL.search(node.value)
+    ]
 
 
 def room(module: str) -> str | None:
@@ -105,40 +123,68 @@ def test_serving_modules_stay_short() -> None:
 
 
 def test_only_registry_touches_the_database() -> None:
-    """serving/ and tuning/ go through Registry: no sqlite3, no Database or Transaction, no
-    `.db` of a registry, no SQL text."""
+    """serving/ and tuning/ go through Registry: no sqlite3, no registry.storage (so no
+    Database or Transaction), no `.db` of a registry, no SQL text."""
     wrong = []
     for path in modules("serving", "tuning"):
         tree = ast.parse(path.read_text(), str(path))
         for target in imported(path):
-            if target.split(".")[0] == "sqlite3" or target in (
-                "registry.database",
-                "registry.database.Database",
-                "registry.database.Transaction",
-            ):
+            if target.split(".")[0] == "sqlite3" or is_storage(target):
                 wrong.append(f"{name_of(path)} imports {target}")
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr == "db":
                 wrong.append(f"{name_of(path)}:{node.lineno} uses .db")
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                if SQL.search(node.value):
-                    wrong.append(f"{name_of(path)}:{node.lineno} has SQL: {node.value[:60]!r}")
+        wrong += [f"{name_of(path)}:{line} has SQL: {sql[:60]!r}" for line, sql in sql_texts(path)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_only_registry_imports_its_storage() -> None:
+    """registry.storage is imported by modules of registry/ only: tuning/, serving/,
+    loadtests/ and examples/ use Registry and the records of registry/'s root."""
+    wrong = [
+        f"{name_of(path)} imports {target}"
+        for path in modules(*OUTSIDE_REGISTRY)
+        for target in imported(path)
+        if is_storage(target)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_all_sql_lives_in_registry_storage() -> None:
+    """No module of registry/ outside registry/storage/ has SQL text or imports sqlite3: the
+    storage seam is the only code a second backend replaces."""
+    storage = ROOT.joinpath(*STORAGE.split("."))
+    wrong = []
+    for path in modules("registry"):
+        if path.is_relative_to(storage):
+            continue
+        wrong += [
+            f"{name_of(path)} imports {target}"
+            for target in imported(path)
+            if target.split(".")[0] == "sqlite3"
+        ]
+        wrong += [f"{name_of(path)}:{line} has SQL: {sql[:60]!r}" for line, sql in sql_texts(path)]
     assert not wrong, "\n".join(wrong)
 
 
 def test_the_rules_catch_what_they_forbid(tmp_path: Path) -> None:
-    """The checks above find a wrong import, a `.db` and SQL text when they are there."""
+    """The checks above find a wrong import, a `.db`, a storage import and SQL text when they
+    are there."""
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import sqlite3\nfrom serving.http.app import app\n"
+        "import sqlite3\nfrom serving.http.app import app\nfrom registry import storage\n"
+        "from registry.storage.jobs import queue_job\n"
         "def f(registry):\n    return registry.db.query('SELECT a FROM versions')\n"
     )
     found = imported(sample)
     assert "sqlite3" in found and room("serving.http.app") == "http"
     assert "http" not in SERVING_ROOMS["runtime"]
+    assert {"registry.storage", "registry.storage.jobs"} <= {m for m in found if is_storage(m)}
+    assert not is_storage("registry.storage_notes") and not is_storage("registry")
     tree = ast.parse(sample.read_text())
     assert any(isinstance(n, ast.Attribute) and n.attr == "db" for n in ast.walk(tree))
     assert SQL.search("SELECT a FROM versions") and not SQL.search("select the adapter")
+    assert sql_texts(sample) == [(6, "SELECT a FROM versions")]
 
 
 def test_docs_name_every_room_and_no_missing_module() -> None:

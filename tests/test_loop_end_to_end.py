@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from registry import Registry, jobs
+from registry import Registry
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 Service = Any
@@ -145,13 +145,13 @@ def test_drift_alert_retrains_and_promotes_through_a_canary(
                 assert value <= thresholds[labels["signal"]], (labels, value)
             time.sleep(6)  # several evaluations with `for: 1s`
             assert stack.firing_alerts("LorafleetDrift") == []
-            assert jobs.list_jobs(registry.db, "support") == []
+            assert registry.jobs.recent("support") == []
 
             # Shifted traffic: the drift alert reaches the webhook and queues a job.
             onset = time.monotonic()
             _send(service, "support", topic[:60])
             job = _wait(
-                lambda: jobs.list_jobs(registry.db, "support"), 90, "an alert-triggered job"
+                lambda: registry.jobs.recent("support"), 90, "an alert-triggered job"
             )[0]
             timings["alert_to_job_s"] = time.monotonic() - onset
             assert job.trigger.startswith("alert:") and job.state == "queued"
@@ -170,7 +170,7 @@ def test_drift_alert_retrains_and_promotes_through_a_canary(
 
             # The job retrains on old + new data, passes the gate, sets the canary.
             _jobs_run(home, cli)
-            done = jobs.get_job(registry.db, job.id)
+            done = registry.jobs.get(job.id)
             assert done.state == "succeeded", (done.error, done.result)
             timings["job_done_s"] = time.monotonic() - onset
             new = registry.get_version("support", done.version or 0)
@@ -237,9 +237,9 @@ def test_failed_gate_is_never_promoted_and_a_broken_canary_rolls_back(
     registry.update_settings(
         "support", {"retrain_overrides": ["training.max_steps=20", "training.lr=0.9"]}
     )
-    job, _ = jobs.queue_job(registry.db, "support", actor="tests", reason="gate check")
+    job, _ = registry.jobs.queue("support", actor="tests", reason="gate check")
     _jobs_run(home, cli)
-    failed = jobs.get_job(registry.db, job.id)
+    failed = registry.jobs.get(job.id)
     assert failed.state == "failed" and failed.result is not None
     assert failed.result["gate"]["passed"] is False and "eval" in (failed.error or "")
     assert len(registry.list_versions("support")) == versions

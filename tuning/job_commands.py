@@ -8,7 +8,7 @@ from typing import Any, get_args
 
 from registry import Registry
 from registry.arguments import emit, registry_options
-from registry.jobs import JobRecord, JobState, parse_interval
+from registry.loop_records import JobRecord, JobState, parse_interval
 from registry.registry import default_actor
 
 JOBS_HELP = """Retraining jobs of the watch-and-retrain loop. A job retrains one adapter:

@@ -33,9 +33,9 @@ from pydantic import ValidationError
 from registry import Registry, VersionRecord
 from registry.errors import LorafleetError, NotFound
 from registry.faults import pause_point
-from registry.jobs import JobRecord, Jobs, worker_id
+from registry.jobs_api import Jobs
+from registry.loop_records import AdapterSettings, JobRecord, worker_id
 from registry.records import METADATA_FILE
-from registry.settings import AdapterSettings
 from tuning.config import DataConfig, TuneConfig, load_config
 from tuning.data import (
     LOADERS,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from tuning.train import RunResult
 
 logger = logging.getLogger(__name__)
-HEARTBEAT_S = 30.0  # well below registry.jobs.STALE_AFTER_S
+HEARTBEAT_S = 30.0  # well below registry/storage/jobs.py: STALE_AFTER_S
 GATE_METRICS = ("eval_loss", "exact_match")
 
 

@@ -5,9 +5,9 @@ window. A steady poll (the default: charts for the 8 busiest versions, an ended 
 percentiles computed once) against drawing every version with every step's percentiles
 computed, as the first version of the dashboard did on every poll.
 
-B11: the fleet snapshot (registry/fleet.py) of a registry of 1,000 adapters with 3 versions
-each and 100,000 history events: the rows are copied in SQL from one real registration, so
-building it takes seconds, not a thousand registrations.
+B11: the fleet snapshot (registry/storage/fleet.py) of a registry of 1,000 adapters with 3
+versions each and 100,000 history events: the rows are copied in SQL from one real
+registration, so building it takes seconds, not a thousand registrations.
 """
 
 from __future__ import annotations
@@ -110,16 +110,15 @@ def synthetic_registry(work: Path, base: Path, setup: Setup) -> Path:
 
 def snapshot_figure(work: Path, base: Path, setup: Setup) -> Figure:
     from registry import Registry
-    from registry.fleet import fleet_snapshot
 
     registry = Registry(synthetic_registry(work, base, setup))
-    fleet_snapshot(registry.db)  # warm the page cache
+    registry.fleet_snapshot()  # warm the page cache
     values: dict[str, list[float]] = {"snapshot": []}
     for _ in range(setup.repeats):
         timings = []
         for _ in range(POLLS):
             started = time.perf_counter()
-            fleet_snapshot(registry.db)
+            registry.fleet_snapshot()
             timings.append((time.perf_counter() - started) * 1000)
         values["snapshot"].append(statistics.median(timings))
     registry.close()

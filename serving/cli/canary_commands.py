@@ -2,8 +2,8 @@
 
 promote and rollback write the registry directly (no server needed; running servers follow
 within a poll interval) through the same transaction as the servers' automatic verdicts
-(registry/verdicts.py). status asks a running server for its live comparison of the canary
-with production (GET /admin/canary).
+(registry/storage/verdicts.py). status asks a running server for its live comparison of the
+canary with production (GET /admin/canary).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from registry.loop_records import Verdict
 from registry.names import parse_model_ref
-from registry.verdicts import Verdict
 from serving.errors import BadRequest, NotServable
 from serving.http.access import require_admin, server_of
 from serving.http.schemas import (

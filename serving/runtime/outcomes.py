@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 
 from registry.errors import NotFound
-from registry.requestlog import LoggedRequest
+from registry.loop_records import LoggedRequest
 from serving.metrics import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,

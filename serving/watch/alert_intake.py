@@ -1,10 +1,11 @@
 """Alert intake: an Alertmanager webhook notification -> retraining jobs in the registry.
 
-Each *firing* alert goes through registry.alerts.receive_alert (dedupe by fingerprint and
-start time, the adapter's cooldown, a job queued with trigger `alert:<fingerprint>`);
-resolved alerts are acknowledged and queue nothing. The work is SQLite writes, so the route
-runs this off the event loop; a busy registry raises RegistryBusy (503), and Alertmanager
-retries the whole notification, whose alerts already recorded then come back as duplicates.
+Each *firing* alert goes through `Registry.receive_alert` (registry/storage/alerts.py: dedupe
+by fingerprint and start time, the adapter's cooldown, a job queued with trigger
+`alert:<fingerprint>`); resolved alerts are acknowledged and queue nothing. The work is
+SQLite writes, so the route runs this off the event loop; a busy registry raises
+RegistryBusy (503), and Alertmanager retries the whole notification, whose alerts already
+recorded then come back as duplicates.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ A canary is judged once it has served >= `canary_min_requests` requests AND
 every compared criterion -> promoted (production -> the canary's version, canary alias
 removed); otherwise rolled back (canary alias removed). A canary that cannot be loaded at
 all (e.g. a tampered artifact) is rolled back at once with the load error as the reason.
-The verdict is one registry transaction (registry/verdicts.py) that first checks the canary
-still points at the judged version, so of several servers judging at once one wins.
+The verdict is one registry transaction (registry/storage/verdicts.py) that first checks the
+canary still points at the judged version, so of several servers judging at once one wins.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from datetime import datetime
 
 from registry import Registry
 from registry.errors import AliasConflict, LorafleetError, NotFound
+from registry.loop_records import AdapterSettings, Verdict, VerdictRecord
 from registry.names import CANARY_ALIAS, DEFAULT_ALIAS
 from registry.records import AliasRecord
-from registry.settings import AdapterSettings
-from registry.verdicts import Verdict, VerdictRecord
 from serving.errors import Overloaded
 from serving.metrics import CANARY_VERDICTS
 from serving.watch.canary_stats import (

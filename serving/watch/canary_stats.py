@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from registry.settings import AdapterSettings
-from registry.verdicts import Verdict
+from registry.loop_records import AdapterSettings, Verdict
 
 MAX_EVENTS = 5000
 """Requests and ratings kept per version (the oldest leave first)."""

@@ -1,5 +1,5 @@
 """The server's request log writer: finished adapter requests -> the registry's request log
-(registry/requestlog.py), appended in batches by a background thread.
+(registry/storage/requestlog.py), appended in batches by a background thread.
 
 `submit` runs on the event loop and only appends to an in-memory list (never SQLite); the
 writer thread takes up to BATCH_ROWS rows at least every `interval_s` and appends them in
@@ -18,8 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from registry import RequestLog
 from registry.errors import LorafleetError
-from registry.requestlog import LoggedRequest, RequestLog
+from registry.loop_records import LoggedRequest
 
 logger = logging.getLogger(__name__)
 

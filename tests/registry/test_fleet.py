@@ -1,4 +1,4 @@
-"""The dashboard's view of the registry (registry/fleet.py) and the `pinned` setting."""
+"""The dashboard's view of the registry (registry/storage/fleet.py) and the `pinned` setting."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from registry import Registry, jobs
+from registry import Registry
 from registry.errors import NotFound
-from registry.fleet import fleet_snapshot
-from registry.verdicts import decide_canary
+from registry.storage import jobs
+from registry.storage.fleet import fleet_snapshot
+from registry.storage.verdicts import decide_canary
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from registry import Registry, alerts, jobs
+from registry import Registry
 from registry.errors import InvalidSchedule, InvalidSettings, JobStateError, NotFound
-from registry.requestlog import LoggedRequest
+from registry.loop_records import LoggedRequest, parse_interval, worker_id
+from registry.storage import alerts, jobs
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_job_lifecycle_writes_the_audit_chain(reg: Registry) -> None:
     assert (new, second, again.id) == (True, False, job.id)  # one queued job per adapter
     claimed = jobs.claim_job(reg.db, actor="runner")
     assert claimed is not None and claimed.id == job.id and claimed.state == "running"
-    assert claimed.worker == jobs.worker_id()
+    assert claimed.worker == worker_id()
     assert jobs.claim_job(reg.db, actor="runner") is None
     jobs.heartbeat(reg.db, job.id, parent_version=1)
     done = jobs.finish_job(
@@ -64,7 +65,8 @@ def test_job_lifecycle_writes_the_audit_chain(reg: Registry) -> None:
 
 CLAIM_AND_DIE = """
 import os, sys
-from registry import Registry, jobs
+from registry import Registry
+from registry.storage import jobs
 reg = Registry(sys.argv[1])
 job = jobs.claim_job(reg.db, actor="worker")
 print(job.id, flush=True)
@@ -88,10 +90,10 @@ def test_job_of_a_dead_worker_is_failed_by_the_next_claim(reg: Registry) -> None
 
 
 def test_schedules_queue_one_job_when_due(reg: Registry) -> None:
-    assert jobs.parse_interval("1d") == 86400 and jobs.parse_interval("90s") == 90
+    assert parse_interval("1d") == 86400 and parse_interval("90s") == 90
     for bad in ("0s", "1y", "day", "-1h"):
         with pytest.raises(InvalidSchedule, match="--every 1d"):
-            jobs.parse_interval(bad)
+            parse_interval(bad)
     with pytest.raises(InvalidSchedule, match="five fields"):
         jobs.set_schedule(reg.db, "support", every_s=None, cron="every day", actor="a")
     with pytest.raises(InvalidSchedule, match="exactly one"):
@@ -177,7 +179,7 @@ def test_feedback_review_selects_corrections(reg: Registry) -> None:
     reg.add_feedback("cmpl-x", 1, adapter="support", version=1, prompt="px")
     assert reg.review_feedback([ids[0]], "accepted") == 1
     assert reg.review_feedback([ids[1]], "rejected") == 1
-    from registry.feedback import corrections
+    from registry.storage.feedback import corrections
 
     assert [c["correction"] for c in corrections(reg.db, "support", "accepted")] == ["c0"]
     assert [c["correction"] for c in corrections(reg.db, "support", "all")] == ["c0", "c2"]

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from registry import Registry
-from registry.requestlog import RequestLog
+from registry import Registry, RequestLog
 
 Server = Any  # conftest's Server
 MODELS = ["alpha", "beta"]

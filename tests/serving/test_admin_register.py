@@ -1,9 +1,13 @@
-"""The registry's validation corpus through the admin API (`POST /admin/adapters/NAME` on a
-real `lorafleet serve`): every broken adapter and every unsafe file or adapter name is refused
-with the registry's message and registers nothing (revision, versions, artifacts, temporary
-directories unchanged; fsck clean); a good adapter is accepted and served. A file changed on
-disk after registration is refused at load while the previous version keeps serving (the
+"""The registry's validation corpus through the admin API (`POST /admin/adapters/NAME`):
+every broken adapter and every unsafe file or adapter name is refused with the registry's
+message and registers nothing (revision, versions, artifacts, temporary directories
+unchanged; fsck clean); a good adapter is accepted and served. A file changed on disk after
+registration is refused at load while the previous version keeps serving (the
 residency-level check is tests/serving/test_residency.py::test_tampered_artifact_is_refused).
+
+All of it runs in process (conftest's `serve_in_process`: the HTTP app over a real Server
+and hf engine): uploads, the registry's refusals and serving what was registered are the
+app's and the Server's; nothing here depends on BentoML or on a process of its own.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import hashlib
 import importlib.util
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +28,7 @@ import pytest
 
 from registry import Registry
 
-Service = Any  # the running server of conftest's `serve` fixture
+Service = Any  # the server of conftest's `serve_in_process`
 MAX_ADAPTER_BYTES = 1_000_000
 WEIGHTS = "adapter_model.safetensors"
 
@@ -50,28 +55,18 @@ CORPUS = [c for c in _validation_corpus().CORPUS if c[0].__name__ != "symlink_in
 def service(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_base: Path,
-    serve: Callable[..., AbstractContextManager[Service]],
+    serve_in_process: Callable[..., AbstractContextManager[Service]],
 ) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("admin-register")
     Registry.create(root / "home", tiny_base, max_rank=16, actor="tests").close()
-    uploads = root / "tmp"  # the server's TMPDIR: where uploads are decoded
+    uploads = root / "tmp"  # the server's temporary directory: where uploads are decoded
     uploads.mkdir()
-    with ExitStack() as stack:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("TMPDIR", str(uploads))  # copied into the server's environment
-            running = stack.enter_context(
-                serve(
-                    root / "home",
-                    tiny_base,
-                    {},
-                    "--max-tokens-limit",
-                    "16",
-                    "--max-adapter-bytes",
-                    str(MAX_ADAPTER_BYTES),
-                )
-            )
-        running.uploads = uploads
-        yield running
+    options = {"max_tokens_limit": 16, "max_adapter_bytes": MAX_ADAPTER_BYTES}
+    with pytest.MonkeyPatch.context() as env:
+        env.setattr(tempfile, "tempdir", str(uploads))  # what $TMPDIR sets for a process
+        with serve_in_process(root / "home", tiny_base, {}, **options) as running:
+            running.uploads = uploads
+            yield running
 
 
 def encode(adapter: Path) -> dict[str, str]:
@@ -272,8 +267,6 @@ def test_tampered_artifact_is_refused_and_the_previous_version_keeps_serving(
 def test_uploads_are_decoded_into_a_private_directory_and_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tempfile
-
     from serving.errors import BadRequest
     from serving.http.uploads import unpacked
 

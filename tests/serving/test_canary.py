@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from registry import Registry
+from registry import Registry, RequestLog
 from registry.errors import AliasConflict, NotFound
-from registry.requestlog import LoggedRequest, RequestLog
-from registry.settings import AdapterSettings
-from registry.verdicts import decide_canary
+from registry.loop_records import AdapterSettings, LoggedRequest
+from registry.storage.verdicts import decide_canary
 from serving.watch.canary_stats import CanaryStats, VersionStats, compare_stats
 from serving.watch.request_writer import RequestLogWriter
 

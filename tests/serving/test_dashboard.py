@@ -1,6 +1,11 @@
-"""The operator dashboard on a real server (tiny base, adapters alpha and beta), through its
-JSON routes and in headless Chromium (Debian's chromium + chromium-driver, driven by
-selenium; no browser is downloaded). One server for the module; the tests run in order.
+"""The operator dashboard (tiny base, adapters alpha and beta, three jobs), through its JSON
+routes and in headless Chromium (Debian's chromium + chromium-driver, driven by selenium; no
+browser is downloaded). The tests run in order.
+
+The page, its assets and the JSON routes run in process (`service`: the HTTP app over a
+real Server; the routes are the app's own, and a pin written by another process is
+written with the `lorafleet` CLI). The browser needs a URL to load: its cases run on one
+`lorafleet serve` (`bento`).
 
 The screenshot of the page goes to tests/artifacts/dashboard.png (LORAFLEET_ARTIFACTS
 overrides the folder); docs/serving.md shows a copy of it.
@@ -17,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from registry import Registry, jobs
+from registry import Registry
+from registry.storage import jobs
 
 ARTIFACTS = Path(os.environ.get("LORAFLEET_ARTIFACTS", Path(__file__).parents[1] / "artifacts"))
 PROMPT = "Review: the soup was cold and the waiter rude.\nSentiment:"
@@ -25,28 +31,59 @@ WAIT_S = 30.0
 NONE = "\N{EN DASH}"  # what the page shows for a missing value
 
 
+def dashboard_home(
+    tmp: Path,
+    base: Path,
+    adapter_factory: Callable[..., Path],
+    profiled_copy: Callable[[Path, Path, Path], Path],
+) -> dict[str, Path]:
+    """A registry at tmp/home: alpha@1 (production, with a drift profile), alpha@2 (no alias),
+    beta@1 (production) and the jobs of `add_jobs`; returns {ref: directory}."""
+    alpha = profiled_copy(base, adapter_factory(base, rank=4, seed=41), tmp / "alpha")
+    registry = Registry.create(tmp / "home", base, actor="tests")
+    registry.register("alpha", alpha, metadata={"drift_profile": "profile.json"})
+    registry.promote("alpha", 1, reason="first release")
+    registry.register("alpha", adapter_factory(base, rank=4, seed=42))
+    registry.register("beta", adapter_factory(base, rank=4, seed=43))
+    registry.promote("beta", 1)
+    add_jobs(registry)
+    registry.close()
+    return {"alpha@1": alpha}
+
+
 @pytest.fixture(scope="module")
 def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve_in_process: Callable[..., AbstractContextManager[Any]],
+    profiled_copy: Callable[[Path, Path, Path], Path],
+) -> Iterator[Any]:
+    """The HTTP app over a real Server in this process, on `dashboard_home`."""
+    tmp = tmp_path_factory.mktemp("dashboard-app")
+    adapters = dashboard_home(tmp, tiny_base, adapter_factory, profiled_copy)
+    options = {"max_len": 256, "drift_window": 40, "drift_min_samples": 8}
+    with serve_in_process(tmp / "home", tiny_base, adapters, **options) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def bento(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_base: Path,
     adapter_factory: Callable[..., Path],
     serve: Callable[..., AbstractContextManager[Any]],
     profiled_copy: Callable[[Path, Path, Path], Path],
 ) -> Iterator[Any]:
-    """alpha@1 (production, with a drift profile), alpha@2 (no alias), beta@1 (production)."""
+    """`lorafleet serve` on `dashboard_home` with the options of `service`, and the traffic
+    the JSON cases send before the browser's (beta 2 requests, alpha 8), as when they ran
+    on this server."""
     tmp = tmp_path_factory.mktemp("dashboard")
-    alpha = profiled_copy(tiny_base, adapter_factory(tiny_base, rank=4, seed=41), tmp / "alpha")
-    registry = Registry.create(tmp / "home", tiny_base, actor="tests")
-    registry.register("alpha", alpha, metadata={"drift_profile": "profile.json"})
-    registry.promote("alpha", 1, reason="first release")
-    registry.register("alpha", adapter_factory(tiny_base, rank=4, seed=42))
-    registry.register("beta", adapter_factory(tiny_base, rank=4, seed=43))
-    registry.promote("beta", 1)
-    add_jobs(registry)
-    registry.close()
-    adapters = {"alpha@1": alpha}
+    adapters = dashboard_home(tmp, tiny_base, adapter_factory, profiled_copy)
     options = ("--max-len", "256", "--drift-window", "40", "--drift-min-samples", "8")
     with serve(tmp / "home", tiny_base, adapters, *options) as running:
+        complete(running, "beta", 2)
+        complete(running, "alpha", 8)
         yield running
 
 
@@ -145,7 +182,9 @@ def test_state_has_the_fleet_residency_and_traffic(service: Any) -> None:
     assert set(state["drift"]["thresholds"]) >= {"prompt_length", "prompt_tokens"}
 
 
-def test_pin_and_unpin_keep_the_adapter_resident_and_land_in_history(service: Any) -> None:
+def test_pin_and_unpin_keep_the_adapter_resident_and_land_in_history(
+    service: Any, cli: Callable[..., Any]
+) -> None:
     answer = service.admin("/admin/pin", {"adapter": "beta", "reason": "hot adapter"})
     assert answer.status_code == 200, answer.text
     assert answer.json()["resident_pinned"] == ["beta@1"]
@@ -158,9 +197,10 @@ def test_pin_and_unpin_keep_the_adapter_resident_and_land_in_history(service: An
     assert service.admin("/admin/residency").json()["pinned"] == []
     assert events(service, "beta")[-1].action == "adapter.unpin"
     # a pin written by another process (the CLI) is followed within a poll interval
-    registry = Registry(service.home)
-    registry.pin("beta", actor="cli", reason="from the CLI")
-    registry.close()
+    pinned = cli(
+        "registry", "pin", "beta", "--actor", "cli", "--reason", "from the CLI", home=service.home
+    )
+    assert pinned.returncode == 0, pinned.stderr
     deadline = time.monotonic() + WAIT_S
     while service.admin("/admin/residency").json()["pinned"] != ["beta@1"]:
         assert time.monotonic() < deadline, "the server did not follow the registry's pin"
@@ -273,10 +313,10 @@ def console_errors(browser: Any) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def test_page_lists_adapters_and_aliases(service: Any, browser: Any) -> None:
-    browser.get(f"{service.url}/dashboard")
+def test_page_lists_adapters_and_aliases(bento: Any, browser: Any) -> None:
+    browser.get(f"{bento.url}/dashboard")
     assert "enter the server's admin key" in text_of(browser, "status").lower()
-    enter_key(browser, service.admin_key)
+    enter_key(browser, bento.admin_key)
     wait_for("the fleet table", lambda: by_css(browser, "#fleet-table tbody[data-adapter=beta]"))
     assert [b.get_attribute("data-adapter") for b in by_css(browser, "#fleet-table tbody")] == [
         "alpha",
@@ -295,7 +335,7 @@ def test_page_lists_adapters_and_aliases(service: Any, browser: Any) -> None:
     assert console_errors(browser) == []
 
 
-def test_jobs_show_trigger_state_version_and_verdicts(service: Any, browser: Any) -> None:
+def test_jobs_show_trigger_state_version_and_verdicts(bento: Any, browser: Any) -> None:
     def row(job: int) -> list[str]:
         cells = by_css(browser, f"#jobs-table tr[data-job='{job}'] td")
         return [c.text for c in cells]
@@ -309,8 +349,8 @@ def test_jobs_show_trigger_state_version_and_verdicts(service: Any, browser: Any
     assert queued[1:4] == ["beta", "queued", "manual"] and queued[5:7] == [NONE, NONE]
 
 
-def test_charts_show_traffic_for_the_right_adapter(service: Any, browser: Any) -> None:
-    complete(service, "alpha", 12)
+def test_charts_show_traffic_for_the_right_adapter(bento: Any, browser: Any) -> None:
+    complete(bento, "alpha", 12)
 
     def peak(model: str) -> float:
         paths = by_css(browser, f"#chart-requests_per_s path[data-model='{model}']")
@@ -328,9 +368,7 @@ def test_charts_show_traffic_for_the_right_adapter(service: Any, browser: Any) -
     )
 
 
-def test_promote_through_the_page_moves_the_alias_and_the_traffic(
-    service: Any, browser: Any
-) -> None:
+def test_promote_through_the_page_moves_the_alias_and_the_traffic(bento: Any, browser: Any) -> None:
     choose(browser, "act-kind", "promote")
     choose(browser, "act-adapter", "alpha")
     fill(browser, "act-alias", "production")
@@ -338,10 +376,10 @@ def test_promote_through_the_page_moves_the_alias_and_the_traffic(
     fill(browser, "act-reason", "browser promote")
     by_css(browser, "#act-submit")[0].click()
     wait_for("the promote's answer", lambda: text_of(browser, "action-result").startswith("Done"))
-    assert production(service, "alpha") == 2
-    last = events(service, "alpha")[-1]
+    assert production(bento, "alpha") == 2
+    last = events(bento, "alpha")[-1]
     assert (last.action, last.version, last.reason) == ("alias.set", 2, "browser promote")
-    assert service.served("alpha")[0] == "alpha@2"
+    assert bento.served("alpha")[0] == "alpha@2"
     wait_for(
         "the production badge on v2",
         lambda: (
@@ -351,14 +389,14 @@ def test_promote_through_the_page_moves_the_alias_and_the_traffic(
     )
 
 
-def test_a_refused_action_shows_the_servers_reason(service: Any, browser: Any) -> None:
+def test_a_refused_action_shows_the_servers_reason(bento: Any, browser: Any) -> None:
     choose(browser, "act-kind", "promote")
     choose(browser, "act-adapter", "beta")
     fill(browser, "act-alias", "production")
     fill(browser, "act-reason", "")
     by_css(browser, "#act-submit")[0].click()
     assert "Give a reason" in text_of(browser, "action-result")
-    before = Registry(service.home)
+    before = Registry(bento.home)
     revision = before.revision()
     before.close()
     fill(browser, "act-alias", "no such alias!")
@@ -367,13 +405,13 @@ def test_a_refused_action_shows_the_servers_reason(service: Any, browser: Any) -
     message = wait_for("the refusal", lambda: "Refused" in text_of(browser, "action-result"))
     assert message
     assert "alias" in text_of(browser, "action-result")
-    after = Registry(service.home)
+    after = Registry(bento.home)
     assert after.revision() == revision
     after.close()
 
 
-def test_a_wrong_key_shows_an_error_and_changes_nothing(service: Any, browser: Any) -> None:
-    registry = Registry(service.home)
+def test_a_wrong_key_shows_an_error_and_changes_nothing(bento: Any, browser: Any) -> None:
+    registry = Registry(bento.home)
     revision = registry.revision()
     registry.close()
     enter_key(browser, "not-the-key")
@@ -385,21 +423,21 @@ def test_a_wrong_key_shows_an_error_and_changes_nothing(service: Any, browser: A
     fill(browser, "act-reason", "should not happen")
     by_css(browser, "#act-submit")[0].click()
     wait_for("the refusal", lambda: "Wrong admin key" in text_of(browser, "action-result"))
-    registry = Registry(service.home)
+    registry = Registry(bento.home)
     assert registry.revision() == revision
     assert registry.resolve("alpha").version == 2
     registry.close()
-    enter_key(browser, service.admin_key)
+    enter_key(browser, bento.admin_key)
     wait_for("the error to clear", lambda: not by_css(browser, "#error:not([hidden])"))
 
 
-def test_pin_and_canary_weight_through_the_page(service: Any, browser: Any) -> None:
+def test_pin_and_canary_weight_through_the_page(bento: Any, browser: Any) -> None:
     choose(browser, "act-kind", "pin")
     choose(browser, "act-adapter", "beta")
     fill(browser, "act-reason", "pinned from the page")
     by_css(browser, "#act-submit")[0].click()
     wait_for("the pin's answer", lambda: text_of(browser, "action-result").startswith("Done"))
-    assert service.admin("/admin/residency").json()["pinned"] == ["beta@1"]
+    assert bento.admin("/admin/residency").json()["pinned"] == ["beta@1"]
     wait_for("the pinned badge", lambda: by_css(browser, "tbody[data-adapter=beta] th .pinned"))
     # canary: alpha@1 at 10 %, then its weight to 25 %
     choose(browser, "act-kind", "promote")
@@ -419,19 +457,19 @@ def test_pin_and_canary_weight_through_the_page(service: Any, browser: Any) -> N
     fill(browser, "act-reason", "more canary traffic")
     by_css(browser, "#act-submit")[0].click()
     wait_for("the weight's answer", lambda: text_of(browser, "action-result").startswith("Done"))
-    registry = Registry(service.home)
+    registry = Registry(bento.home)
     canary = next(a for a in registry.aliases("alpha") if a.alias == "canary")
     registry.close()
     assert (canary.version, canary.weight) == (1, 0.25)
-    assert events(service, "alpha")[-1].reason == "more canary traffic"
+    assert events(bento, "alpha")[-1].reason == "more canary traffic"
     wait_for(
         "the canary badge",
         lambda: "canary 25%" in by_css(browser, "tr[data-adapter=alpha][data-version='1']")[0].text,
     )
 
 
-def test_a_screenshot_and_the_drift_distributions(service: Any, browser: Any) -> None:
-    complete(service, "alpha@1", 8)
+def test_a_screenshot_and_the_drift_distributions(bento: Any, browser: Any) -> None:
+    complete(bento, "alpha@1", 8)
     button = wait_for(
         "the drift button",
         lambda: by_css(browser, ".drift-version[data-model='alpha@1'] button"),
@@ -450,7 +488,7 @@ def test_a_screenshot_and_the_drift_distributions(service: Any, browser: Any) ->
     assert all(i.get_attribute("src").startswith("data:image/png") for i in images)
 
 
-def test_the_page_works_from_the_keyboard(service: Any, browser: Any) -> None:
+def test_the_page_works_from_the_keyboard(bento: Any, browser: Any) -> None:
     """Every control has a label; Tab reaches the action form, letters pick options and Enter
     submits: unpin beta without the mouse."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -477,12 +515,12 @@ def test_the_page_works_from_the_keyboard(service: Any, browser: Any) -> None:
     assert browser.switch_to.active_element.get_attribute("id") == "act-reason"
     keys.send_keys("unpinned from the keyboard", Keys.ENTER).perform()
     wait_for("the unpin's answer", lambda: text_of(browser, "action-result").startswith("Done"))
-    assert service.admin("/admin/residency").json()["pinned"] == []
-    last = events(service, "beta")[-1]
+    assert bento.admin("/admin/residency").json()["pinned"] == []
+    last = events(bento, "beta")[-1]
     assert (last.action, last.reason) == ("adapter.unpin", "unpinned from the keyboard")
 
 
-def test_an_unreachable_server_is_shown_and_the_page_recovers(service: Any, browser: Any) -> None:
+def test_an_unreachable_server_is_shown_and_the_page_recovers(bento: Any, browser: Any) -> None:
     browser.set_network_conditions(offline=True, latency=0, throughput=0)
     try:
         wait_for("the unreachable error", lambda: "Server unreachable" in text_of(browser, "error"))

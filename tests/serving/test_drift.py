@@ -1,7 +1,11 @@
 """Drift statistics: PSI and Jensen-Shannon distance on known distributions, windows bounded
 by count and time, minimum-sample gating, feedback, label cardinality; then the real server
 (`lorafleet serve`, tiny base, an adapter with a profile) under in-distribution and shifted
-traffic, /admin/drift and `lorafleet drift report`."""
+traffic, /admin/drift and `lorafleet drift report`.
+
+The server cases need a process of their own: they read the drift gauges from BentoML's
+/metrics (appended by serving/http/service.py's `__metrics__`), check them with promtool, and
+run `lorafleet drift report` against the server's URL."""
 
 from __future__ import annotations
 

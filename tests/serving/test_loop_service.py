@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from registry import Registry
-from registry.jobs import list_jobs, queue_job
+from registry.storage.jobs import list_jobs, queue_job
 from serving.runtime.routing import sticky_uniform
 
 Service = Any  # the running server of conftest's `serve` fixture

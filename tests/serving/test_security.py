@@ -1,8 +1,13 @@
-"""Who gets in and what gets loaded, on a real `lorafleet serve` whose output is captured:
-every admin route (enumerated from the app) and the alert webhook answer 401 without the
-key or with a wrong one; the optional inference key guards /v1/* while the probes and
-/metrics stay open; neither key is ever logged; keys are compared with hmac.compare_digest;
-adapter names and files cannot leave the artifact store; only safetensors are loaded.
+"""Who gets in and what gets loaded: every admin route (enumerated from the app) and the
+alert webhook answer 401 without the key or with a wrong one; the optional inference key
+guards /v1/* while the probes and /metrics stay open; neither key is ever logged; keys are
+compared with hmac.compare_digest; adapter names and files cannot leave the artifact store;
+only safetensors are loaded.
+
+The key checks of the routes run in process (`service`: the HTTP app over a real Server;
+the check is the app's own middleware, serving/http/access.py). The probes and /metrics
+(BentoML's routes) and the log (BentoML's access log, captured from the process's output)
+need a real `lorafleet serve` (`bento`).
 
 Elsewhere: unsafe names and files through the admin route are in test_admin_register.py;
 the per-adapter request-log opt-out is
@@ -22,15 +27,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from fastapi.testclient import TestClient
 
 from registry import Registry
 from registry.basemodel import PICKLE_SUFFIXES
@@ -58,8 +62,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Running]:
-    """The server with both keys (the inference key from $LORAFLEET_INFERENCE_KEY), its
+def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    serve_in_process: Callable[..., AbstractContextManager[Any]],
+) -> Iterator[Any]:
+    """The HTTP app over a real Server in this process, with both keys."""
+    home = tmp_path_factory.mktemp("security-app") / "home"
+    Registry.create(home, tiny_base, max_rank=16, actor="tests").close()
+    keys = {"api_key": ADMIN_KEY, "inference_key": INFERENCE_KEY}
+    with serve_in_process(home, tiny_base, {}, max_tokens_limit=8, **keys) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def bento(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Iterator[Running]:
+    """`lorafleet serve` with both keys (the inference key from $LORAFLEET_INFERENCE_KEY), its
     stdout and stderr in one log file."""
     root = tmp_path_factory.mktemp("security")
     Registry.create(root / "home", tiny_base, max_rank=16, actor="tests").close()
@@ -128,7 +146,7 @@ def test_the_route_lists_are_complete() -> None:
 
 
 @pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
-def test_admin_routes_need_the_admin_key(method: str, path: str, service: Running) -> None:
+def test_admin_routes_need_the_admin_key(method: str, path: str, service: Any) -> None:
     """401 before the body is read: a malformed body, the inference key or a near miss of
     the admin key all get the same answer."""
     attempts: list[dict[str, str]] = [
@@ -147,44 +165,44 @@ def test_admin_routes_need_the_admin_key(method: str, path: str, service: Runnin
         assert "--api-key" in response.json()["error"]["message"]
 
 
-def test_admin_key_opens_admin_routes(service: Running) -> None:
+def test_admin_key_opens_admin_routes(service: Any) -> None:
     response = service.http.get("/admin/residency", headers=bearer(ADMIN_KEY))
     assert response.status_code == 200, response.text
     assert response.json()["resident"] == []
 
 
 @pytest.mark.parametrize(("method", "path"), INFERENCE_ROUTES)
-def test_inference_routes_need_the_inference_key(method: str, path: str, service: Running) -> None:
+def test_inference_routes_need_the_inference_key(method: str, path: str, service: Any) -> None:
     for headers in [{}, bearer("wrong-key-c4f1a2"), bearer(ADMIN_KEY), bearer(INFERENCE_KEY[1:])]:
         response = service.http.request(method, path, headers=headers, json={})
         assert response.status_code == 401, (headers, response.text)
         assert "--inference-key" in response.json()["error"]["message"]
 
 
-def test_inference_key_opens_v1_and_probes_stay_open(service: Running) -> None:
-    listed = service.http.get("/v1/models", headers=bearer(INFERENCE_KEY))
+def test_inference_key_opens_v1_and_probes_stay_open(bento: Running) -> None:
+    listed = bento.http.get("/v1/models", headers=bearer(INFERENCE_KEY))
     assert listed.status_code == 200
     assert [m["id"] for m in listed.json()["data"]] == ["base"]
     body = {"model": "base", "prompt": "Add: 3 + 4 =", "max_tokens": 3, "temperature": 0}
-    done = service.http.post("/v1/completions", json=body, headers=bearer(INFERENCE_KEY))
+    done = bento.http.post("/v1/completions", json=body, headers=bearer(INFERENCE_KEY))
     assert done.status_code == 200, done.text
     assert done.json()["usage"]["completion_tokens"] >= 1
     for path in ("/metrics", "/readyz", "/livez"):
-        assert service.http.get(path).status_code == 200, path
+        assert bento.http.get(path).status_code == 200, path
 
 
-def test_keys_are_never_logged(service: Running) -> None:
+def test_keys_are_never_logged(bento: Running) -> None:
     """Calls with the right and wrong keys, then the whole log: it holds the access lines of
     these calls but neither key (nor a wrong one)."""
     for key in [ADMIN_KEY, INFERENCE_KEY, *WRONG_KEYS[:3]]:
-        service.http.get("/admin/residency", headers=bearer(key))
-        service.http.get("/v1/models", headers=bearer(key))
-        service.http.post("/admin/alerts", headers=bearer(key), json={"alerts": "bad"})
+        bento.http.get("/admin/residency", headers=bearer(key))
+        bento.http.get("/v1/models", headers=bearer(key))
+        bento.http.post("/admin/alerts", headers=bearer(key), json={"alerts": "bad"})
     # The last call, the only one to /admin/canary with the key: its line ends the wait.
-    assert service.http.get("/admin/canary", headers=bearer(ADMIN_KEY)).status_code == 200
+    assert bento.http.get("/admin/canary", headers=bearer(ADMIN_KEY)).status_code == 200
     last = re.compile(r"/admin/canary\b.*status=200")
     deadline = time.monotonic() + 30
-    while not last.search(text := service.log.read_text()):
+    while not last.search(text := bento.log.read_text()):
         assert time.monotonic() < deadline, f"no access log line for the calls: {text[-2000:]}"
         time.sleep(0.2)
     assert "/v1/models" in text and "/admin/alerts" in text
@@ -210,30 +228,10 @@ def test_inference_key_option_and_environment(monkeypatch: pytest.MonkeyPatch) -
 # ---- constant-time comparison, in process ---------------------------------------------------
 
 
-@pytest.fixture
-def client() -> Iterator[TestClient]:
-    """The app with a stand-in server: enough for /admin/residency and the key checks."""
-    config = SimpleNamespace(
-        api_key=ADMIN_KEY, inference_key=None, max_body_bytes=1 << 20, max_concurrent_requests=8
-    )
-    server = SimpleNamespace(
-        config=config,
-        engine_name="hf",
-        engine=SimpleNamespace(adapter_slots=2),
-        residency=SimpleNamespace(resident=lambda: ["a@1"], pinned=set()),
-        router=SimpleNamespace(map=SimpleNamespace(revision=7)),
-    )
-    previous = getattr(app.state, "server", None)
-    app.state.server = server
-    try:
-        yield TestClient(app)
-    finally:
-        app.state.server = previous
-
-
 def test_keys_are_compared_with_hmac_compare_digest(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    service: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    client = service.http
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -254,7 +252,7 @@ def test_keys_are_compared_with_hmac_compare_digest(
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: True)
     opened = client.get("/admin/residency", headers=bearer(wrong))
     assert opened.status_code == 200
-    assert opened.json()["revision"] == 7
+    assert opened.json()["revision"] == service.server.router.map.revision
 
 
 # ---- names and files cannot leave the artifact store ----------------------------------------

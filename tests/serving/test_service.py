@@ -1,6 +1,12 @@
-"""The real service (`lorafleet serve`, BentoML, hf engine) on a free localhost port, driven
-with the official openai client: every endpoint, streaming, errors, admin auth, hot-swap
-from another process and under concurrent load, feedback, metrics."""
+"""The service (hf engine, tiny base, adapters alpha@1, alpha@2 and beta@1), driven with the
+official openai client: every endpoint, streaming, errors, admin auth, hot-swap from
+another process and under concurrent load, feedback, metrics.
+
+Endpoints, streaming, errors, admin calls and feedback run in process (`service`: the HTTP
+app over a real Server; nothing of them is BentoML's). Alias moves made by another process,
+swaps under load over real sockets, a client that hangs up mid-stream and the metrics
+(BentoML's /metrics, merged in serving/http/service.py) run on `lorafleet serve` (`bento`).
+"""
 
 from __future__ import annotations
 
@@ -20,9 +26,28 @@ from transformers import AutoTokenizer
 
 from registry import Registry
 
-Service = Any  # the running server of conftest's `serve` fixture
+Service = Any  # a server of conftest's `serve` or `serve_in_process`
 
 PROMPTS = ["Review: the pizza was great.\nSentiment:", "Add: 3 + 4 =", "The customer sends"]
+
+
+def three_adapter_home(
+    home: Path, base: Path, adapter_factory: Callable[..., Path]
+) -> dict[str, Path]:
+    """alpha@1 (production), alpha@2 (rank 8, other targets), beta@1 (production): returns
+    {ref: directory}."""
+    registry = Registry.create(home, base)
+    adapters = {
+        "alpha@1": adapter_factory(base, rank=4, seed=21),
+        "alpha@2": adapter_factory(base, rank=8, seed=22, targets=("q_proj", "o_proj")),
+        "beta@1": adapter_factory(base, rank=4, seed=23, targets=("v_proj", "down_proj")),
+    }
+    for key, path in adapters.items():
+        registry.register(key.split("@")[0], path)
+    registry.promote("alpha", 1)
+    registry.promote("beta", 1)
+    registry.close()
+    return adapters
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +55,27 @@ def service(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_base: Path,
     adapter_factory: Callable[..., Path],
+    serve_in_process: Callable[..., AbstractContextManager[Service]],
+) -> Iterator[Service]:
+    """The HTTP app over a real Server in this process."""
+    home = tmp_path_factory.mktemp("serve-app") / "home"
+    adapters = three_adapter_home(home, tiny_base, adapter_factory)
+    options = {"max_adapters": 3, "max_len": 256, "max_tokens_limit": 64}
+    with serve_in_process(home, tiny_base, adapters, **options) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def bento(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
     serve: Callable[..., AbstractContextManager[Service]],
 ) -> Iterator[Service]:
+    """`lorafleet serve` with the same registry and options as `service`, every model served
+    once: its versions resident, as when these cases followed the others on one server."""
     home = tmp_path_factory.mktemp("serve") / "home"
-    registry = Registry.create(home, tiny_base)
-    adapters = {
-        "alpha@1": adapter_factory(tiny_base, rank=4, seed=21),
-        "alpha@2": adapter_factory(tiny_base, rank=8, seed=22, targets=("q_proj", "o_proj")),
-        "beta@1": adapter_factory(tiny_base, rank=4, seed=23, targets=("v_proj", "down_proj")),
-    }
-    for key, path in adapters.items():
-        registry.register(key.split("@")[0], path)
-    registry.promote("alpha", 1)
-    registry.promote("beta", 1)
-    registry.close()
+    adapters = three_adapter_home(home, tiny_base, adapter_factory)
     with serve(
         home,
         tiny_base,
@@ -55,7 +87,12 @@ def service(
         "--max-tokens-limit",
         "64",
     ) as running:
+        for model in ("base", "alpha", "alpha@2", "beta"):
+            running.served(model)
         yield running
+
+
+# ---- in process: the HTTP app over a real Server ------------------------------------------
 
 
 def test_models_lists_base_adapters_versions_and_aliases(service: Service) -> None:
@@ -191,29 +228,62 @@ def test_admin_promote_and_rollback_take_effect_and_are_recorded(service: Servic
     assert refused.status_code == 404 and "its versions: 1, 2" in refused.text
 
 
-def test_alias_moved_by_another_process_takes_effect_within_a_second(service: Service) -> None:
-    registry = Registry(service.home)
+def test_feedback_is_stored_with_the_response(service: Service) -> None:
+    result = service.client.completions.create(
+        model="beta", prompt=PROMPTS[1], max_tokens=3, temperature=0
+    )
+    stored = service.http.post(
+        "/v1/feedback", json={"response_id": result.id, "score": -1, "correction": " 7"}
+    )
+    assert stored.status_code == 200, stored.text
+    rows = Registry(service.home).feedback("beta")
+    assert rows[-1]["response_id"] == result.id and rows[-1]["version"] == 1
+    assert rows[-1]["correction"] == " 7" and rows[-1]["output"] == result.choices[0].text
+    assert rows[-1]["prompt"] == PROMPTS[1]
+    unknown = service.http.post("/v1/feedback", json={"response_id": "cmpl-nope", "score": 1})
+    assert unknown.status_code == 404
+    assert (
+        service.http.post("/v1/feedback", json={"response_id": "x", "score": 3}).status_code == 422
+    )
+
+
+def test_admin_load_and_unload(service: Service) -> None:
+    loaded = service.admin("/admin/load", {"model": "alpha@2"})
+    assert loaded.status_code == 200 and loaded.json()["loaded"] == "alpha@2"
+    assert "alpha@2" in service.admin("/admin/residency").json()["resident"]
+    unloaded = service.admin("/admin/unload", {"model": "alpha@2"})
+    assert unloaded.json() == {"unloaded": "alpha@2"}
+    assert "alpha@2" not in service.admin("/admin/residency").json()["resident"]
+    assert service.served("alpha@2")[0] == "alpha@2"  # loaded again on demand
+    assert service.admin("/admin/load", {"model": "nope"}).status_code == 404
+
+
+# ---- on `lorafleet serve`: another process's writes, real sockets, BentoML's /metrics -----
+
+
+def test_alias_moved_by_another_process_takes_effect_within_a_second(bento: Service) -> None:
+    registry = Registry(bento.home)
     registry.promote("beta", 1)  # no-op, state known
-    assert service.served("beta")[0] == "beta@1"
+    assert bento.served("beta")[0] == "beta@1"
     registry.promote("alpha", 2, reason="from another process")
     started = time.monotonic()
-    while service.served("alpha")[0] != "alpha@2":
+    while bento.served("alpha")[0] != "alpha@2":
         assert time.monotonic() - started < 1.5, "alias change not applied within 1.5 s"
         time.sleep(0.05)
     registry.rollback("alpha")
-    while service.served("alpha")[0] != "alpha@1":
+    while bento.served("alpha")[0] != "alpha@1":
         assert time.monotonic() - started < 3.0
         time.sleep(0.05)
 
 
-def test_swaps_under_concurrent_load_fail_no_request(service: Service) -> None:
-    registry = Registry(service.home)
+def test_swaps_under_concurrent_load_fail_no_request(bento: Service) -> None:
+    registry = Registry(bento.home)
     stop = threading.Event()
     seen: list[str] = []
     failures: list[str] = []
 
     def client() -> None:
-        with httpx.Client(base_url=service.url, timeout=60) as http:
+        with httpx.Client(base_url=bento.url, timeout=60) as http:
             while not stop.is_set():
                 r = http.post(
                     "/v1/completions",
@@ -244,28 +314,9 @@ def test_swaps_under_concurrent_load_fail_no_request(service: Service) -> None:
     assert set(seen) == {"alpha@1", "alpha@2"} and len(seen) > 20
 
 
-def test_feedback_is_stored_with_the_response(service: Service) -> None:
-    result = service.client.completions.create(
-        model="beta", prompt=PROMPTS[1], max_tokens=3, temperature=0
-    )
-    stored = service.http.post(
-        "/v1/feedback", json={"response_id": result.id, "score": -1, "correction": " 7"}
-    )
-    assert stored.status_code == 200, stored.text
-    rows = Registry(service.home).feedback("beta")
-    assert rows[-1]["response_id"] == result.id and rows[-1]["version"] == 1
-    assert rows[-1]["correction"] == " 7" and rows[-1]["output"] == result.choices[0].text
-    assert rows[-1]["prompt"] == PROMPTS[1]
-    unknown = service.http.post("/v1/feedback", json={"response_id": "cmpl-nope", "score": 1})
-    assert unknown.status_code == 404
-    assert (
-        service.http.post("/v1/feedback", json={"response_id": "x", "score": 3}).status_code == 422
-    )
-
-
-def test_metrics_are_labelled_by_adapter_and_version(service: Service) -> None:
-    service.served("alpha")
-    text = service.http.get("/metrics").text
+def test_metrics_are_labelled_by_adapter_and_version(bento: Service) -> None:
+    bento.served("alpha")
+    text = bento.http.get("/metrics").text
     for name in (
         "lorafleet_requests_total",
         "lorafleet_request_duration_seconds_bucket",
@@ -280,11 +331,11 @@ def test_metrics_are_labelled_by_adapter_and_version(service: Service) -> None:
     assert 'lorafleet_requests_total{adapter="alpha",status="ok",version="1"}' in text
 
 
-def test_promtool_finds_no_problems_in_our_metrics(service: Service) -> None:
+def test_promtool_finds_no_problems_in_our_metrics(bento: Service) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: install Debian's prometheus package (see .ci/run)"
-    service.served("beta")
-    lines = service.http.get("/metrics").text.splitlines()
+    bento.served("beta")
+    lines = bento.http.get("/metrics").text.splitlines()
     ours = [
         line
         for line in lines
@@ -304,31 +355,20 @@ def test_promtool_finds_no_problems_in_our_metrics(service: Service) -> None:
     )
 
 
-def test_client_disconnect_mid_stream_frees_the_request(service: Service) -> None:
+def test_client_disconnect_mid_stream_frees_the_request(bento: Service) -> None:
     def cancelled() -> float:
-        for line in service.http.get("/metrics").text.splitlines():
+        for line in bento.http.get("/metrics").text.splitlines():
             if line.startswith('lorafleet_requests_total{adapter="alpha",status="cancelled"'):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
     before = cancelled()
     body = {"model": "alpha", "prompt": PROMPTS[2], "max_tokens": 64, "stream": True}
-    with service.http.stream("POST", "/v1/completions", json=body) as response:
+    with bento.http.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
         next(response.iter_lines())  # the first chunk arrived; now hang up
     deadline = time.monotonic() + 10
     while cancelled() <= before:
         assert time.monotonic() < deadline, "the abandoned request was not cancelled"
         time.sleep(0.1)
-    assert service.served("alpha")[0] == "alpha@1"  # and the server keeps serving
-
-
-def test_admin_load_and_unload(service: Service) -> None:
-    loaded = service.admin("/admin/load", {"model": "alpha@2"})
-    assert loaded.status_code == 200 and loaded.json()["loaded"] == "alpha@2"
-    assert "alpha@2" in service.admin("/admin/residency").json()["resident"]
-    unloaded = service.admin("/admin/unload", {"model": "alpha@2"})
-    assert unloaded.json() == {"unloaded": "alpha@2"}
-    assert "alpha@2" not in service.admin("/admin/residency").json()["resident"]
-    assert service.served("alpha@2")[0] == "alpha@2"  # loaded again on demand
-    assert service.admin("/admin/load", {"model": "nope"}).status_code == 404
+    assert bento.served("alpha")[0] == "alpha@1"  # and the server keeps serving

@@ -20,8 +20,6 @@ from safetensors.torch import load_file
 
 from registry import Registry, VersionMetadata
 from registry.cli import main
-from registry.feedback import review_feedback
-from registry.jobs import claim_job, get_job, list_jobs, queue_due, queue_job
 from tuning.config import load_config
 from tuning.errors import ConfigError
 from tuning.retrain import GATE_METRICS, gate_failed, judge, run_job
@@ -176,8 +174,8 @@ def test_job_registers_candidate_with_lineage_and_canary(
     accepted = fleet.add_feedback("r1", -1.0, correction=" 17", prompt="Add: 12 + 5 =", **common)
     rejected = fleet.add_feedback("r2", -1.0, correction=" 0", prompt="Add: 1 + 1 =", **common)
     fleet.add_feedback("r3", -1.0, correction=" 9", prompt="Add: 4 + 5 =", **common)  # pending
-    review_feedback(fleet.db, [accepted], "accepted")
-    review_feedback(fleet.db, [rejected], "rejected")
+    fleet.review_feedback([accepted], "accepted")
+    fleet.review_feedback([rejected], "rejected")
 
     queued = cli("jobs", "queue", "arith", "--reason", "weekly refresh", home=fleet.home)
     assert queued.returncode == 0 and queued.stdout == "queued job 1 for arith (manual)\n"
@@ -190,7 +188,7 @@ def test_job_registers_candidate_with_lineage_and_canary(
     assert candidate.metadata["parent_version"] == 1
     assert candidate.metadata["trigger"] == "manual" and candidate.metadata["job_id"] == 1
     assert aliases(fleet) == {"production": (1, None), "canary": (2, 0.25)}
-    job = get_job(fleet.db, 1)
+    job = fleet.jobs.get(1)
     assert (job.state, job.parent_version, job.version) == ("succeeded", 1, 2)
     gate = job.result["gate"]  # type: ignore[index]
     assert gate["passed"] is True and gate["tolerance"] == 0.0
@@ -246,8 +244,8 @@ def test_candidate_failing_the_gate_registers_nothing(
     # lr 1 without clipping ruins the warm-started weights within a few steps.
     overrides = ["training.lr=1.0", "training.max_grad_norm=null", "training.max_steps=4"]
     fleet.update_settings("arith", {"retrain_overrides": overrides}, actor="tester")
-    queue_job(fleet.db, "arith", actor="tester")
-    job = claim_job(fleet.db, actor="tester")
+    fleet.jobs.queue("arith", actor="tester")
+    job = fleet.jobs.claim(actor="tester")
     assert job is not None
     finished = run_job(fleet, job, actor="tester", heartbeat_s=0.05)
 
@@ -268,7 +266,7 @@ def test_candidate_failing_the_gate_registers_nothing(
     assert actions[-3:] == ["job.queued", "job.started", "job.failed"]
 
     # The runner: a gate failure is the gate doing its work, not a failed run (exit 0).
-    queue_job(fleet.db, "arith", actor="tester")
+    fleet.jobs.queue("arith", actor="tester")
     assert main(["jobs", "run", "--home", str(fleet.home)]) == 0
     line = capsys.readouterr().out
     assert line.startswith("job 2 arith failed (manual): gate failed: eval loss ")
@@ -280,7 +278,7 @@ def test_runner_killed_midway_changes_no_alias_and_is_failed_next_run(
     fleet: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fleet.update_settings("arith", {"retrain_overrides": ["training.max_steps=2"]}, actor="t")
-    queue_job(fleet.db, "arith", actor="tester")
+    fleet.jobs.queue("arith", actor="tester")
     env = {**os.environ, "LORAFLEET_HOME": str(fleet.home), "LORAFLEET_PAUSE_AT": "retrain.trained"}
     proc = subprocess.Popen(
         [LORAFLEET, "jobs", "run"],
@@ -295,14 +293,14 @@ def test_runner_killed_midway_changes_no_alias_and_is_failed_next_run(
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
 
-    assert get_job(fleet.db, 1).state == "running"
+    assert fleet.jobs.get(1).state == "running"
     assert [v.version for v in fleet.list_versions("arith")] == [1]
     assert aliases(fleet) == {"production": (1, None)}
 
     assert main(["jobs", "run", "--home", str(fleet.home), "--actor", "cron"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("job 1 arith failed (manual): worker ")
-    job = get_job(fleet.db, 1)
+    job = fleet.jobs.get(1)
     assert job.state == "failed" and "killed midway" in (job.error or "")
     assert aliases(fleet) == {"production": (1, None)}
     assert [e.action for e in fleet.history("arith")][-1] == "job.failed"
@@ -321,8 +319,8 @@ def test_due_schedule_queues_exactly_one_job(
     assert capsys.readouterr().out == "no queued jobs\n"
     from datetime import UTC, datetime, timedelta
 
-    assert queue_due(fleet.db, actor="t", now=datetime.now(UTC) + timedelta(days=1)) == []
-    jobs = list_jobs(fleet.db, "arith")
+    assert fleet.jobs.queue_due(actor="t", now=datetime.now(UTC) + timedelta(days=1)) == []
+    jobs = fleet.jobs.recent("arith")
     assert [(j.id, j.trigger, j.state) for j in jobs] == [(1, "schedule", "queued")]
     assert main(["jobs", "list", "arith", "--state", "queued", "--json", *home]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -351,7 +349,7 @@ def test_jobs_without_production_or_data_fail_with_the_reason(
     fleet.register("nodata", artifact, metadata=meta)
     fleet.set_alias("nodata", "production", 1)
     for name in ("noprod", "nodata"):
-        queue_job(fleet.db, name, actor="tester")
+        fleet.jobs.queue(name, actor="tester")
 
     assert main(["jobs", "run", "--home", str(fleet.home)]) == 1
     lines = capsys.readouterr().out.splitlines()

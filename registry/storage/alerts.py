@@ -11,34 +11,14 @@ job it queued.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
-from registry.database import Database, Transaction
-from registry.history import insert_event, utc_now
-from registry.jobs import JobRecord, get_in, queue_in
-from registry.settings import get_settings
-
-Outcome = Literal["queued", "duplicate", "cooldown", "ignored"]
-
-
-@dataclass(frozen=True)
-class AlertOutcome:
-    fingerprint: str
-    adapter: str | None
-    outcome: Outcome
-    detail: str
-    job: JobRecord | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self.fingerprint,
-            "adapter": self.adapter,
-            "outcome": self.outcome,
-            "detail": self.detail,
-            "job": self.job.id if self.job else None,
-        }
+from registry.loop_records import AlertOutcome, AlertOutcomeKind
+from registry.storage.history import insert_event, utc_now
+from registry.storage.jobs import get_in, queue_in
+from registry.storage.settings import get_settings
+from registry.storage.sqlite import Database, Transaction
 
 
 def receive_alert(
@@ -117,7 +97,7 @@ def receive_alert(
 
 def _decide(
     txn: Transaction, adapter: str | None, labels: dict[str, str]
-) -> tuple[Outcome, str, int | None]:
+) -> tuple[AlertOutcomeKind, str, int | None]:
     """What an alert does: (outcome, detail, id of the job it concerns)."""
     if adapter is None:
         unknown = labels.get("adapter")

@@ -12,10 +12,10 @@ import sqlite3
 from dataclasses import fields
 from typing import Any
 
-from registry.database import Database
-from registry.history import SHOWN_ACTIONS
-from registry.jobs import JobRecord
 from registry.records import Event
+from registry.storage.history import SHOWN_ACTIONS
+from registry.storage.jobs import job_from_row
+from registry.storage.sqlite import Database
 
 MOVES = ("alias.set", "alias.rollback")
 # What a version row carries to the page: lineage and the evaluation that registered it.
@@ -94,7 +94,7 @@ def fleet_snapshot(db: Database, *, events: int = 50, jobs: int = 50) -> dict[st
         }
     listed = []
     for row in job_rows:
-        job = JobRecord.from_row(row).to_dict()
+        job = job_from_row(row).to_dict()
         job["canary_verdict"] = verdicts.get((job["adapter"], job["version"]))
         listed.append(job)
     return {

@@ -13,35 +13,14 @@ job -> version -> canary -> verdict -> promote / rollback.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
 
-from registry.aliases import current_in, remove_in, set_in
-from registry.database import Database
 from registry.errors import AliasConflict, NotFound
 from registry.faults import pause_point
-from registry.history import insert_event
+from registry.loop_records import Verdict, VerdictRecord
 from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, check_name
-
-Verdict = Literal["promoted", "rolled_back"]
-
-
-@dataclass(frozen=True)
-class VerdictRecord:
-    """What a verdict did: the canary version, production before and after, the job."""
-
-    adapter: str
-    version: int  # the canary version judged
-    verdict: Verdict
-    reason: str
-    actor: str
-    production_before: int | None
-    production_after: int | None
-    job: int | None  # the job that registered the canary version (its metadata job_id)
-    revision: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from registry.storage.aliases import current_in, remove_in, set_in
+from registry.storage.history import insert_event
+from registry.storage.sqlite import Database
 
 
 def decide_canary(

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.database import Database
 from registry.errors import NotFound
-from registry.history import utc_now
+from registry.storage.history import utc_now
+from registry.storage.sqlite import Database
 
 
 def add_feedback(

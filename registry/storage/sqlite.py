@@ -3,7 +3,8 @@
 WAL mode lets readers run beside one writer; every write is a ``BEGIN IMMEDIATE``
 transaction, so read-modify-write sequences (next version number, alias moves) of several
 processes serialize instead of losing updates. Each write transaction that changes anything
-bumps the revision, the change feed that servers poll.
+bumps the revision, the change feed that servers poll. `Database` and `Transaction` are the
+storage seam that a second backend implements (registry/storage/__init__.py).
 """
 
 from __future__ import annotations
@@ -89,13 +90,13 @@ CREATE TABLE IF NOT EXISTS feedback (
     output TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_by_version ON feedback (adapter, version, id);
--- Per-adapter settings of the loop (registry/settings.py), one JSON document per adapter.
+-- Per-adapter settings of the loop (registry/storage/settings.py), one JSON document each.
 CREATE TABLE IF NOT EXISTS settings (
     adapter TEXT PRIMARY KEY,
     settings TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
--- Retraining jobs (registry/jobs.py): queued -> running -> succeeded | failed.
+-- Retraining jobs (registry/storage/jobs.py): queued -> running -> succeeded | failed.
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     adapter TEXT NOT NULL,

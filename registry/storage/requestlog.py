@@ -5,8 +5,9 @@ A SQLite file of its own (`$LORAFLEET_HOME/requests.db`, WAL), so a busy server'
 never hold the registry database's lock that alias moves and registrations take. Servers
 append in batches from a background thread; retention is bounded by rows per adapter and
 by age, enforced on every batch. An adapter opts out with its `request_log` setting.
-Feedback and corrections live in the registry database (registry/feedback.py) and are
-joined by response id when the log is read (`Registry.logged_requests`).
+Feedback and corrections live in the registry database (registry/storage/feedback.py) and
+are joined by response id when the log is read (`Registry.logged_requests`). A row is a
+`LoggedRequest` (registry/loop_records.py).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from registry.database import DEFAULT_BUSY_TIMEOUT_S, SQLITE_BUSY_CODES
 from registry.errors import LorafleetError, RegistryBusy
+from registry.loop_records import LoggedRequest
+from registry.storage.sqlite import DEFAULT_BUSY_TIMEOUT_S, SQLITE_BUSY_CODES
 
 LOG_FILE = "requests.db"
 SCHEMA = """
@@ -41,28 +41,6 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_by_version ON requests (adapter, version, id);
 CREATE INDEX IF NOT EXISTS requests_by_response ON requests (response_id);
 """
-
-
-@dataclass(frozen=True)
-class LoggedRequest:
-    """One served request: what was asked, what was answered, and by which version."""
-
-    response_id: str  # as returned to the client (cmpl-..., chatcmpl-...)
-    adapter: str
-    version: int
-    model: str  # the request's model field (NAME, NAME:ALIAS, NAME@VERSION)
-    prompt: str  # the rendered prompt (chat requests: after the chat template)
-    output: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    at: float  # unix time the request finished
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds"),
-        }
 
 
 class RequestLog:

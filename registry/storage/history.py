@@ -11,8 +11,8 @@ import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
-from registry.database import Database, Transaction
 from registry.records import Event
+from registry.storage.sqlite import Database, Transaction
 
 ALIAS_ACTIONS = ("alias.set", "alias.rollback", "alias.remove")
 # The drift-to-retrain loop's steps; with the alias moves they make an adapter's audit chain

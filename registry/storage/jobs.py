@@ -5,96 +5,50 @@ event in the history (`job.queued`, `job.started`, `job.succeeded`, `job.failed`
 audit chain of an adapter reads alert -> job -> version -> canary -> promote / rollback.
 A running job names its worker (`host:pid`) and refreshes a heartbeat; a job whose worker
 died (killed midway) is marked failed by the next claim, and since a job changes aliases
-only after it has registered its version, such a job never moved an alias.
+only after it has registered its version, such a job never moved an alias. The records
+(`JobRecord`, `ScheduleRecord`) are in registry/loop_records.py; `Registry.jobs`
+(registry/jobs_api.py) calls the functions here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sqlite3
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
-from registry.aliases import set_in
-from registry.database import Database, Transaction
 from registry.errors import InvalidSchedule, JobStateError, NotFound
-from registry.history import insert_event, utc_now
+from registry.loop_records import JobRecord, ScheduleRecord, worker_id
 from registry.names import CANARY_ALIAS
+from registry.storage.aliases import set_in
+from registry.storage.history import insert_event, utc_now
+from registry.storage.sqlite import Database, Transaction
 
-JobState = Literal["queued", "running", "succeeded", "failed"]
 # A running job on another host is presumed dead after this long without a heartbeat.
 STALE_AFTER_S = 600.0
-INTERVAL = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-@dataclass(frozen=True)
-class JobRecord:
-    """One retraining job."""
-
-    id: int
-    adapter: str
-    state: JobState
-    trigger: str  # manual | schedule | alert:<fingerprint>
-    created_at: str
-    actor: str
-    reason: str
-    details: dict[str, Any]  # e.g. the alert's labels
-    started_at: str | None
-    heartbeat_at: str | None
-    finished_at: str | None
-    worker: str | None  # host:pid of the process running it
-    parent_version: int | None  # the production version it was warm-started from
-    version: int | None  # the version it registered
-    result: dict[str, Any] | None  # gate verdict, metrics, canary
-    error: str | None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> JobRecord:
-        return cls(
-            id=row["id"],
-            adapter=row["adapter"],
-            state=row["state"],
-            trigger=row["trigger"],
-            created_at=row["created_at"],
-            actor=row["actor"],
-            reason=row["reason"],
-            details=json.loads(row["details"]),
-            started_at=row["started_at"],
-            heartbeat_at=row["heartbeat_at"],
-            finished_at=row["finished_at"],
-            worker=row["worker"],
-            parent_version=row["parent_version"],
-            version=row["version"],
-            result=json.loads(row["result"]) if row["result"] else None,
-            error=row["error"],
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ScheduleRecord:
-    """A recurring retraining of one adapter: every `every_s` seconds or by `cron`."""
-
-    adapter: str
-    every_s: float | None
-    cron: str | None
-    next_at: str
-    created_at: str
-    actor: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def job_from_row(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        adapter=row["adapter"],
+        state=row["state"],
+        trigger=row["trigger"],
+        created_at=row["created_at"],
+        actor=row["actor"],
+        reason=row["reason"],
+        details=json.loads(row["details"]),
+        started_at=row["started_at"],
+        heartbeat_at=row["heartbeat_at"],
+        finished_at=row["finished_at"],
+        worker=row["worker"],
+        parent_version=row["parent_version"],
+        version=row["version"],
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=row["error"],
+    )
 
 
 def get_in(txn: Transaction, job_id: int) -> JobRecord:
@@ -102,7 +56,7 @@ def get_in(txn: Transaction, job_id: int) -> JobRecord:
     row = txn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise NotFound(f"no job {job_id}; `lorafleet jobs list` shows the jobs")
-    return JobRecord.from_row(row)
+    return job_from_row(row)
 
 
 def _require_adapter(txn: Transaction, adapter: str, action: str) -> None:
@@ -132,7 +86,7 @@ def queue_in(
         (adapter,),
     ).fetchone()
     if row is not None:
-        return JobRecord.from_row(row), False
+        return job_from_row(row), False
     cur = txn.execute(
         "INSERT INTO jobs (adapter, state, trigger, created_at, actor, reason, details)"
         " VALUES (?, 'queued', ?, ?, ?, ?, ?)",
@@ -184,7 +138,7 @@ def reap_stale(txn: Transaction, *, actor: str, stale_after_s: float = STALE_AFT
     host = socket.gethostname()
     reaped = []
     for row in txn.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY id").fetchall():
-        job = JobRecord.from_row(row)
+        job = job_from_row(row)
         worker_host, _, pid = (job.worker or ":").rpartition(":")
         if worker_host == host and pid.isdigit() and not _pid_alive(int(pid)):
             why = f"worker {job.worker} ended without finishing the job (killed midway)"
@@ -235,7 +189,7 @@ def claim_job(
             ).fetchone()
             if row is None:
                 return None
-            job = JobRecord.from_row(row)
+            job = job_from_row(row)
         now = utc_now()
         txn.execute(
             "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ?, worker = ?"
@@ -324,7 +278,7 @@ def get_job(db: Database, job_id: int) -> JobRecord:
     rows = db.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
     if not rows:
         raise NotFound(f"no job {job_id}; `lorafleet jobs list` shows the jobs")
-    return JobRecord.from_row(rows[0])
+    return job_from_row(rows[0])
 
 
 def list_jobs(
@@ -340,21 +294,10 @@ def list_jobs(
         params.append(state)
     sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-    return [JobRecord.from_row(r) for r in db.query(sql, tuple(params))]
+    return [job_from_row(r) for r in db.query(sql, tuple(params))]
 
 
 # ---- schedules -----------------------------------------------------------------------------
-
-
-def parse_interval(text: str) -> float:
-    """`90s`, `30m`, `6h`, `1d`, `2w` -> seconds; InvalidSchedule otherwise."""
-    match = INTERVAL.fullmatch(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise InvalidSchedule(
-            f"interval {text!r} is not a positive number with a unit s, m, h, d or w "
-            "(e.g. --every 1d, --every 6h)"
-        )
-    return float(match.group(1)) * UNIT_S[match.group(2)]
 
 
 def next_run(every_s: float | None, cron: str | None, after: datetime) -> datetime:
@@ -438,86 +381,3 @@ def queue_due(db: Database, *, actor: str, now: datetime | None = None) -> list[
             )
     return queued
 
-
-class Jobs:
-    """The retraining jobs and schedules of one registry (`Registry.jobs`); each call is one
-    transaction of the functions above."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
-    def get(self, job_id: int) -> JobRecord:
-        return get_job(self._db, job_id)
-
-    def recent(
-        self, adapter: str | None = None, state: str | None = None, limit: int | None = None
-    ) -> list[JobRecord]:
-        """Jobs, newest first."""
-        return list_jobs(self._db, adapter, state, limit)
-
-    def queue(
-        self,
-        adapter: str,
-        trigger: str = "manual",
-        *,
-        actor: str,
-        reason: str = "",
-        details: dict[str, Any] | None = None,
-    ) -> tuple[JobRecord, bool]:
-        """Queue a job; (the adapter's queued job, False) if it already has one."""
-        return queue_job(self._db, adapter, trigger, actor=actor, reason=reason, details=details)
-
-    def reap(self, *, actor: str, stale_after_s: float = STALE_AFTER_S) -> list[JobRecord]:
-        """Fail the running jobs whose worker is gone; the failed jobs."""
-        with self._db.write("reap jobs") as txn:
-            reaped = reap_stale(txn, actor=actor, stale_after_s=stale_after_s)
-        return [self.get(job_id) for job_id in reaped]
-
-    def claim(
-        self, *, actor: str, job_id: int | None = None, worker: str | None = None
-    ) -> JobRecord | None:
-        return claim_job(self._db, actor=actor, job_id=job_id, worker=worker)
-
-    def heartbeat(self, job_id: int, *, worker: str | None = None, **fields: Any) -> None:
-        heartbeat(self._db, job_id, worker=worker, **fields)
-
-    def finish(
-        self,
-        job_id: int,
-        *,
-        succeeded: bool,
-        actor: str,
-        summary: str,
-        version: int | None = None,
-        result: dict[str, Any] | None = None,
-        error: str | None = None,
-        worker: str | None = None,
-        canary: tuple[float, str] | None = None,
-    ) -> JobRecord:
-        """End a running job of this worker (`finish_job`)."""
-        return finish_job(
-            self._db,
-            job_id,
-            succeeded=succeeded,
-            actor=actor,
-            summary=summary,
-            version=version,
-            result=result,
-            error=error,
-            worker=worker,
-            canary=canary,
-        )
-
-    def set_schedule(
-        self, adapter: str, *, every_s: float | None, cron: str | None, actor: str
-    ) -> ScheduleRecord:
-        return set_schedule(self._db, adapter, every_s=every_s, cron=cron, actor=actor)
-
-    def remove_schedule(self, adapter: str, *, actor: str) -> None:
-        remove_schedule(self._db, adapter, actor=actor)
-
-    def schedules(self) -> list[ScheduleRecord]:
-        return list_schedules(self._db)
-
-    def queue_due(self, *, actor: str, now: datetime | None = None) -> list[JobRecord]:
-        return queue_due(self._db, actor=actor, now=now)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 
-from registry.database import Database, Transaction
 from registry.errors import AliasConflict, NotFound
 from registry.faults import pause_point
-from registry.history import alias_head, insert_event, utc_now
 from registry.names import CANARY_ALIAS, check_name
 from registry.records import AliasMove
+from registry.storage.history import alias_head, insert_event, utc_now
+from registry.storage.sqlite import Database, Transaction
 
 DEFAULT_CANARY_WEIGHT = 0.1
 

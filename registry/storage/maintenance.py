@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from registry.artifacts import ArtifactStore
-from registry.database import Database
 from registry.errors import CorruptArtifact
-from registry.history import insert_event
+from registry.storage.history import insert_event
+from registry.storage.sqlite import Database
 
 
 @dataclass
