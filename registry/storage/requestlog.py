@@ -78,7 +78,7 @@ class RequestLog:
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
-            except sqlite3.OperationalError as err:
+            except sqlite3.Error as err:
                 if getattr(err, "sqlite_errorcode", None) in SQLITE_BUSY_CODES:
                     raise RegistryBusy(
                         f"request log {self.path} stayed locked by another process for more "
@@ -86,8 +86,6 @@ class RequestLog:
                         f"process holding it (fuser {self.path}), or wait longer with "
                         "LORAFLEET_BUSY_TIMEOUT_S=SECONDS"
                     ) from err
-                raise LorafleetError(f"request log {self.path}: {err}") from err
-            except sqlite3.Error as err:
                 raise LorafleetError(f"request log {self.path}: {err}") from err
             return int(changed)
 

@@ -99,11 +99,6 @@ class Server:
         self.registry.close()
 
     @property
-    def pinned(self) -> set[str]:
-        """Adapters kept resident: `--pin` and the registry's `pinned` setting."""
-        return self.hotswap.pinned
-
-    @property
     def in_flight(self) -> int:
         """Admitted requests that have not ended."""
         return self.outcomes.in_flight
