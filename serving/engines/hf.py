@@ -16,6 +16,11 @@ sharing mixed two adapters' KV. So this engine runs a small loop:
   forward pass, then they join the next decode step), so requests for different adapters
   and the base share forward passes.
 - Adapters are routed per row by `lora_slots` (stacked A/B, one mask per step).
+- Each row's next token is chosen from the step's logits by serving/engines/token_choice.py:
+  greedy rows that shape nothing take theirs from one argmax over the batch; only the rows
+  with penalties, bias, sampling or a grammar pay for `sampling.Shaping`, and only the rows
+  that ask for log-probabilities for one batched log_softmax. Grammars (serving/engines/
+  structured.py) compile in `submit`, so a bad schema fails the caller.
 
 The forward pass over those buffers is serving/engines/llama_forward.py.
 """
@@ -26,7 +31,6 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +39,10 @@ import torch
 from serving.engines.llama_forward import check_servable, forward
 from serving.engines.lora_slots import AdapterSlots, read_adapter
 from serving.engines.seam import GenerationRequest, OnEvent, TokenEvent
+from serving.engines.token_choice import Queued, Row, TokenChoice
 from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Row:
-    request: GenerationRequest
-    on_event: OnEvent
-    slot: int | None
-    length: int = 0  # tokens in the KV buffers
-    last_token: int = 0
-    generated: int = 0
-    generator: torch.Generator | None = None
-    done: bool = field(default=False)
 
 
 class HFEngine:
@@ -69,9 +62,9 @@ class HFEngine:
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.max_rank, self.adapter_slots = max_rank, adapter_slots
         self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.max_batch_seen = 0  # largest decode batch so far (tests, metrics)
-        self._pending: deque[tuple[GenerationRequest, OnEvent]] = deque()
+        self._pending: deque[Queued] = deque()
         self._commands: deque[tuple[Any, Future[None]]] = deque()
         self._cancelled: set[str] = set()
         self._resident: dict[str, int] = {}  # key -> adapter slot
@@ -98,7 +91,10 @@ class HFEngine:
         config = model.config
         check_servable(config, self.max_len)
         self.model = model
-        self.eos_token_id = config.eos_token_id
+        eos = config.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
+        self.vocab_size = int(model.lm_head.out_features)  # the logits' width
+        self.choice = TokenChoice(base_dir, self.vocab_size, self.eos_ids, self.max_len)
         self.slots = AdapterSlots(model, self.adapter_slots, self.max_rank)
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -117,6 +113,9 @@ class HFEngine:
     # ---- public, any thread --------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, on_event: OnEvent) -> None:
+        """Queue a request; BadRequest for parameters this engine cannot run (a bad schema
+        included: it compiles here, on the caller's thread)."""
+        grammar = self.choice.check(request.params)
         with self._cond:
             if self._stopped:
                 raise EngineStopped("the engine is shut down")
@@ -126,7 +125,7 @@ class HFEngine:
                 if request.adapter not in self._resident or request.adapter in self._unloading:
                     raise NotServable(f"adapter {request.adapter} is not loaded in this engine")
                 self._users[request.adapter] = self._users.get(request.adapter, 0) + 1
-            self._pending.append((request, on_event))
+            self._pending.append(Queued(request, on_event, grammar))
             self._cond.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -206,10 +205,10 @@ class HFEngine:
                 commands = list(self._commands)
                 self._commands.clear()
                 cancelled, self._cancelled = self._cancelled, set()
-                admitted: list[tuple[GenerationRequest, OnEvent]] = []
+                admitted: list[Queued] = []
                 while self._pending and len(self.rows) + len(admitted) < self.max_batch:
                     admitted.append(self._pending.popleft())
-                pending_cancel = [p for p in self._pending if p[0].request_id in cancelled]
+                pending_cancel = [p for p in self._pending if p.request.request_id in cancelled]
                 for item in pending_cancel:
                     self._pending.remove(item)
             for fn, future in commands:
@@ -218,14 +217,16 @@ class HFEngine:
                     future.set_result(None)
                 except BaseException as err:  # handed to the caller waiting on it
                     future.set_exception(err)
-            for request, on_event in pending_cancel:
-                self._finish_request(request, on_event, TokenEvent(None, "cancelled"))
+            for queued in pending_cancel:
+                self._finish_request(queued.request, queued.on_event, TokenEvent(None, "cancelled"))
             fresh = []
-            for request, on_event in admitted:
-                if request.request_id in cancelled:
-                    self._finish_request(request, on_event, TokenEvent(None, "cancelled"))
+            for queued in admitted:
+                if queued.request.request_id in cancelled:
+                    self._finish_request(
+                        queued.request, queued.on_event, TokenEvent(None, "cancelled")
+                    )
                 else:
-                    fresh.append((request, on_event))
+                    fresh.append(queued)
             if fresh:
                 self._guarded(lambda batch=fresh: self._prefill(batch))
             for row in self.rows:
@@ -258,25 +259,23 @@ class HFEngine:
         for slot in slots:
             self.slots.clear(slot)
 
-    def _prefill(self, admitted: list[tuple[GenerationRequest, OnEvent]]) -> None:
+    def _admit(self, queued: Queued) -> Row | None:
+        """A row for a queued request, or None when it ended at once (its prompt's size)."""
+        request = queued.request
+        prompt = request.prompt_ids
+        if not prompt or len(prompt) >= self.max_len:
+            error = f"prompt has {len(prompt)} tokens; this engine takes 1 to {self.max_len - 1}"
+            event = TokenEvent(None, "error", error=error)
+            self._finish_request(request, queued.on_event, event)
+            return None
+        slot = self._resident.get(request.adapter) if request.adapter else None
+        return self.choice.prepare(queued, slot)
+
+    def _prefill(self, admitted: list[Queued]) -> None:
         """Prefill newly admitted prompts together (right-padded, one forward pass); they
-        take rows after the running ones and join the next decode step."""
-        rows: list[_Row] = []
-        for request, on_event in admitted:
-            prompt = request.prompt_ids
-            if not prompt or len(prompt) >= self.max_len:
-                error = (
-                    f"prompt has {len(prompt)} tokens; this engine takes 1 to {self.max_len - 1}"
-                )
-                self._finish_request(request, on_event, TokenEvent(None, "error", error=error))
-                continue
-            generator = None
-            if request.params.temperature > 0:
-                generator = torch.Generator()
-                seed = request.params.seed
-                generator.manual_seed(seed if seed is not None else torch.seed())
-            slot = self._resident.get(request.adapter) if request.adapter else None
-            rows.append(_Row(request, on_event, slot, length=len(prompt), generator=generator))
+        take rows after the running ones and join the next decode step. A request with
+        max_new_tokens 0 ends here with its prompt log-probabilities."""
+        rows = [row for row in map(self._admit, admitted) if row is not None]
         if not rows:
             return
         first = len(self.rows)
@@ -288,10 +287,18 @@ class HFEngine:
             ids[i, : row.length] = torch.tensor(row.request.prompt_ids)
         self.slots.set_rows([r.slot for r in rows], self.dtype)
         positions = torch.arange(width).expand(len(rows), width)
-        logits = self._forward(ids, positions, prefill=(first, lengths))
-        greedy = logits.argmax(-1).tolist()  # one op for the batch, not one per row
-        for i, row in enumerate(rows):
-            self._emit(row, self._sample(logits[i], row, greedy[i]))
+        scored = [i for i, r in enumerate(rows) if r.request.params.prompt_logprobs is not None]
+        full_rows = torch.tensor(scored) if scored else None
+        logits, full = self._forward(ids, positions, (first, lengths), full_rows)
+        if full is not None:
+            self.choice.score_prompts([rows[i] for i in scored], full)
+        for row in rows:
+            if row.request.params.max_new_tokens == 0:
+                self._end(row, TokenEvent(None, "length"))
+        live = [i for i, r in enumerate(rows) if not r.done]
+        if len(live) < len(rows):
+            rows, logits = [rows[i] for i in live], logits[live]
+        self._advance(rows, logits)
 
     def _decode_step(self) -> None:
         rows = self.rows
@@ -299,11 +306,10 @@ class HFEngine:
         ids = torch.tensor([[r.last_token] for r in rows])
         positions = torch.tensor([[r.length] for r in rows])
         self.slots.set_rows([r.slot for r in rows], self.dtype)
-        logits = self._forward(ids, positions, prefill=None)
-        greedy = logits.argmax(-1).tolist()
-        for i, row in enumerate(rows):
+        logits, _ = self._forward(ids, positions, None)
+        for row in rows:
             row.length += 1
-            self._emit(row, self._sample(logits[i], row, greedy[i]))
+        self._advance(rows, logits)
         self._compact()
 
     def _forward(
@@ -311,44 +317,40 @@ class HFEngine:
         ids: torch.Tensor,
         positions: torch.Tensor,
         prefill: tuple[int, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """Logits of each row's last real position (serving/engines/llama_forward.py)."""
-        return forward(self.model, self.keys, self.values, self.head_dim, ids, positions, prefill)
+        full_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of each row's last real position, and of every prompt position of
+        `full_rows` (serving/engines/llama_forward.py)."""
+        return forward(
+            self.model, self.keys, self.values, self.head_dim, ids, positions, prefill, full_rows
+        )
 
-    def _sample(self, logits: torch.Tensor, row: _Row, greedy: int) -> int:
-        params = row.request.params
-        if params.temperature <= 0 or row.generator is None:
-            return greedy
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            keep = ordered.cumsum(-1) - ordered < params.top_p  # always keeps the first
-            probs = torch.zeros_like(probs).scatter(0, order[keep], ordered[keep])
-        return int(torch.multinomial(probs, 1, generator=row.generator))
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Choose and emit each row's next token from its raw logits (rows, vocab)."""
+        tokens, logprobs, endings = self.choice.pick(rows, logits)
+        for i, event in endings.items():  # rows whose every token was masked
+            self._end(rows[i], event)
+        for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
+            if row.done:
+                continue
+            deliver, ending = self.choice.take(row, token)
+            if deliver:
+                self._deliver(row, TokenEvent(token, logprob=logprob))
+            if ending is not None:
+                self._end(row, ending)
 
-    def _emit(self, row: _Row, token: int) -> None:
-        params = row.request.params
-        if token == self.eos_token_id or token in params.stop_token_ids:
-            self._end(row, TokenEvent(None, "stop"))
-            return
-        row.last_token = token
-        row.generated += 1
-        self._deliver(row, TokenEvent(token))
-        if row.generated >= params.max_new_tokens or row.length + 1 >= self.max_len:
-            self._end(row, TokenEvent(None, "length"))
-
-    def _deliver(self, row: _Row, event: TokenEvent) -> None:
+    def _deliver(self, row: Row, event: TokenEvent) -> None:
         try:
-            row.on_event(event)
+            row.on_event(row.with_prompt_logprobs(event))
         except Exception:  # a broken consumer must not stop the engine; its request ends
             logger.exception("token callback of %s failed", row.request.request_id)
             self._end(row, TokenEvent(None, "error", error="token consumer failed"))
 
-    def _end(self, row: _Row, event: TokenEvent) -> None:
+    def _end(self, row: Row, event: TokenEvent) -> None:
         if row.done:
             return
         row.done = True
-        self._finish_request(row.request, row.on_event, event)
+        self._finish_request(row.request, row.on_event, row.with_prompt_logprobs(event))
 
     def _finish_request(
         self, request: GenerationRequest, on_event: OnEvent, event: TokenEvent
@@ -387,7 +389,7 @@ class HFEngine:
             self._pending.clear()
             commands = list(self._commands)
             self._commands.clear()
-        for request, on_event in pending:
-            self._finish_request(request, on_event, TokenEvent(None, "cancelled"))
+        for queued in pending:
+            self._finish_request(queued.request, queued.on_event, TokenEvent(None, "cancelled"))
         for _, future in commands:
             future.set_exception(EngineStopped("the engine is shut down"))

@@ -55,13 +55,19 @@ def forward(
     ids: torch.Tensor,
     positions: torch.Tensor,
     prefill: tuple[int, torch.Tensor] | None,
-) -> torch.Tensor:
-    """Logits of each row's last real position; writes the new K/V into the buffers
-    (layers, max_batch, kv_heads, max_len, head_dim).
+    full_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits of each row's last real position (batch, vocab), fp32; writes the new K/V into
+    the buffers (layers, max_batch, kv_heads, max_len, head_dim).
 
     Prefill (first row, prompt lengths): right-padded prompts for rows first.., causal
     attention within each prompt, padding never attended. Decode: rows 0..n-1, one token
     each at its own position, attending over its own KV.
+
+    `full_rows` (prefill only; indices into this batch) also returns the logits at every
+    real prompt position of those rows, packed row after row (sum of their lengths, vocab),
+    for prompt log-probabilities. Without it the head runs on one position per row, as the
+    vocabulary-wide matmul over whole prompts is the cost it avoids.
     """
     inner = model.model
     batch, steps = ids.shape
@@ -99,8 +105,13 @@ def forward(
             )
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    full = None
+    if full_rows is not None:
+        assert prefill is not None, "full-prompt logits come from a prefill"
+        real = torch.arange(steps)[None, :] < prefill[1][full_rows, None]  # (rows, steps)
+        full = model.lm_head(inner.norm(hidden[full_rows][real])).float()  # (tokens, vocab)
     if prefill is not None:  # each prompt's last real token
         hidden = hidden[torch.arange(batch), prefill[1] - 1][:, None]
     last = inner.norm(hidden[:, -1:])
     logits: torch.Tensor = model.lm_head(last)[:, -1].float()
-    return logits
+    return logits, full

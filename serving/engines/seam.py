@@ -17,12 +17,44 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """Constrained decoding: every token keeps the output a prefix of valid JSON
+    (`json_object`: any JSON object; `json_schema`: an instance of `schema`, JSON text)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
+    """How one request samples. Penalties, bias, top-k/min-p and the grammar shape the
+    distribution that is sampled (or argmax-ed when temperature is 0); log-probabilities are
+    always the model's own, log_softmax of its raw logits (vLLM's "raw_logprobs")."""
+
+    max_new_tokens: int = 64  # 0 only with prompt_logprobs (scoring a prompt)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    frequency_penalty: float = 0.0  # OpenAI's: - count * f - (count > 0) * p, generated tokens
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers'/vLLM's: prompt and generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens
+    ignore_eos: bool = False  # EOS does not end the request (stop_token_ids still do)
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the top k
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's, and top k
+    structured: StructuredOutput | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model and the `top` alternatives, best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,11 +67,17 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token, or the end of a request (token None, finish_reason set)."""
+    """One generated token, or the end of a request (token None, finish_reason set).
+
+    `logprob` comes with each token when the request asked for logprobs. The first event of
+    a request that asked for prompt_logprobs (a token, or the end when max_new_tokens is 0)
+    carries one entry per prompt token, None for the first (nothing precedes it)."""
 
     token_id: int | None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 OnEvent = Callable[[TokenEvent], None]
