@@ -22,7 +22,12 @@ class EngineStopped(LorafleetError):
 
 
 class BadRequest(LorafleetError):
-    """A request parameter is outside what this server accepts: 400 naming the field."""
+    """A request parameter is outside what this server accepts: 400 naming the field
+    (`param`, OpenAI's error field, where one field is at fault)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class Unauthorized(LorafleetError):

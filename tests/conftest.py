@@ -6,6 +6,8 @@ registries in SQLite under tmp_path, the CLI run as a subprocess. Servers come t
 own (BentoML's probes, /metrics and access logs, sockets, kills, the browser, Prometheus);
 `serve_in_process` runs the same HTTP app over a real Server in this process, for cases of
 the HTTP layer (validation, error bodies, keys, routes, admin calls, response shapes).
+The OpenAI clients' tests (tests/serving/test_openai_*.py) share one `serve` process for the
+session (`openai_fleet`) and `openai_reference`: transformers + peft over its adapters.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 
 if TYPE_CHECKING:
     import httpx
+    import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -310,6 +313,133 @@ def serve() -> Callable[..., AbstractContextManager[Service]]:
                 proc.wait()
 
     return run
+
+
+# ---- the OpenAI clients' server: one `lorafleet serve` for tests/serving/test_openai_*.py ---
+
+
+def two_adapter_home(
+    home: Path, base: Path, adapter_factory: Callable[..., Path]
+) -> dict[str, Path]:
+    """alpha@1 and beta@1 (other seed and targets), both production: {ref: directory}."""
+    from registry import Registry
+
+    registry = Registry.create(home, base)
+    adapters = {
+        "alpha@1": adapter_factory(base, rank=4, seed=21),
+        "beta@1": adapter_factory(base, rank=4, seed=23, targets=("v_proj", "down_proj")),
+    }
+    for ref, path in adapters.items():
+        name = ref.split("@")[0]
+        registry.register(name, path)
+        registry.promote(name, 1)
+    registry.close()
+    return adapters
+
+
+@pytest.fixture(scope="session")
+def openai_fleet(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_base: Path,
+    adapter_factory: Callable[..., Path],
+    serve: Callable[..., AbstractContextManager[Service]],
+) -> Iterator[Service]:
+    """`lorafleet serve` (hf engine, --max-len 512, no canary verdicts) over
+    `two_adapter_home`: one process for the session, which test_openai_sdk.py and
+    test_openai_tools.py share; stopped when the session ends."""
+    home = tmp_path_factory.mktemp("openai-clients") / "home"
+    adapters = two_adapter_home(home, tiny_base, adapter_factory)
+    options = ("--engine", "hf", "--max-len", "512", "--no-canary-verdicts")
+    with serve(home, tiny_base, adapters, *options) as running:
+        yield running
+
+
+class Reference:
+    """transformers + peft in fp32, one sequence at a time: log_softmax of the raw logits
+    and greedy decoding, optionally with OpenAI's penalties and logit_bias; and the
+    tokenizer (`tok`), to write prompts as token ids the way the server reads them."""
+
+    def __init__(self, base: Path, adapters: dict[str, Path], tokenizer: Any) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        def load() -> Any:
+            return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+
+        # One base copy per adapter: peft injects its layers into the model it wraps.
+        self.models: dict[str, Any] = {"base": load().eval()}
+        for ref, path in adapters.items():
+            self.models[ref.split("@")[0]] = PeftModel.from_pretrained(load(), str(path)).eval()
+        self.eos = {tokenizer.eos_token_id}
+        self.tok = tokenizer
+
+    def ids(self, text: str) -> list[int]:
+        """The prompt ids of a completions prompt `text`."""
+        return list(self.tok(text)["input_ids"])
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt ids of a conversation as the server renders it (template, no specials)."""
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def logprobs(self, model: str, ids: list[int]) -> torch.Tensor:
+        """(len(ids), vocab): row i is the distribution of the token after ids[: i + 1]."""
+        import torch
+
+        with torch.no_grad():
+            logits = self.models[model](torch.tensor([ids])).logits[0].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def greedy(
+        self,
+        model: str,
+        prompt: list[int],
+        n: int,
+        *,
+        frequency: float = 0.0,
+        presence: float = 0.0,
+        bias: dict[int, float] | None = None,
+    ) -> list[int]:
+        """Up to n greedy tokens (eos ends them, not included). Penalties count generated
+        tokens only: logit - count * frequency - (count > 0) * presence."""
+        import torch
+
+        out: list[int] = []
+        for _ in range(n):
+            logits = self.logprobs(model, prompt + out)[-1].clone()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=len(logits))
+            logits -= counts[: len(logits)] * frequency + (counts[: len(logits)] > 0) * presence
+            for token, value in (bias or {}).items():
+                logits[token] += value
+            token = int(logits.argmax())
+            if token in self.eos:
+                break
+            out.append(token)
+        return out
+
+    def text(self, ids: list[int]) -> str:
+        """The text the server hands out for `ids`: as vLLM, it never ends a text with an
+        incomplete character (transformers' decode would end it with U+FFFD), so the
+        longest prefix of the tokens that decodes without one."""
+        for end in range(len(ids), -1, -1):
+            text = str(self.tok.decode(ids[:end], skip_special_tokens=True))
+            if not text.endswith("\ufffd"):
+                return text
+        return ""
+
+    def piece(self, token: int) -> str:
+        """The text of one token, as logprobs name it."""
+        return str(self.tok.decode([token]))
+
+
+@pytest.fixture(scope="session")
+def openai_reference(tiny_base: Path, openai_fleet: Service) -> Reference:
+    """A `Reference` over `openai_fleet`'s base and adapters (models base, alpha, beta)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    return Reference(tiny_base, openai_fleet.adapters, tokenizer)
 
 
 # ---- the HTTP app in this process: cases of the HTTP layer, no BentoML -----------------------

@@ -3,8 +3,6 @@ errors to status codes. This is the only place that knows about HTTP."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,12 +34,9 @@ from serving.http.admin_routes import router as admin_router
 from serving.http.dashboard import router as dashboard_router
 from serving.http.error_body import error_body
 from serving.http.limits import RequestLimits
-from serving.http.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    FeedbackRequest,
-    SamplingFields,
-)
+from serving.http.openai_request import Plan, chat_plan, completion_plan, with_prompt
+from serving.http.openai_response import sse, whole_body
+from serving.http.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
 from serving.runtime.generation import Generation
 from serving.runtime.server import Server
 
@@ -142,7 +137,7 @@ async def http_error(request: Request, err: HTTPException) -> JSONResponse:
 @app.exception_handler(LorafleetError)
 async def lorafleet_error(_: Request, err: LorafleetError) -> JSONResponse:
     status = next((code for kind, code in STATUS if isinstance(err, kind)), 400)
-    return error_response(status, str(err), type(err).__name__)
+    return error_response(status, str(err), type(err).__name__, getattr(err, "param", None))
 
 
 @app.exception_handler(Unauthorized)
@@ -160,101 +155,63 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": server_of(request).models()}
 
 
+@app.get("/v1/models/{model}")
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    """OpenAI's model object of base, NAME, NAME:ALIAS or NAME@VERSION; 404 naming what
+    exists."""
+    return server_of(request).model(model)
+
+
 @app.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    return await _respond(request, body, body.prompt, chat=False)
+    return await _respond(request, completion_plan(body))
 
 
 @app.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    prompt = server_of(request).render_chat([m.model_dump() for m in body.messages])
-    return await _respond(request, body, prompt, chat=True)
+    plan, messages = chat_plan(body)
+    prompt = server_of(request).render_chat(messages)
+    return await _respond(request, with_prompt(plan, prompt))
 
 
-async def _respond(request: Request, body: SamplingFields, prompt: str, *, chat: bool) -> Any:
-    """Admit the request (errors become 4xx/503 here), then stream or answer whole."""
+async def _respond(request: Request, plan: Plan) -> Any:
+    """Admit the request's choices (errors become 4xx/503 here), then stream or answer
+    whole."""
     server = server_of(request)
-    generation = await server.start(
-        body, prompt, chat=chat, session=request.headers.get(SESSION_HEADER)
+    generations = await server.start(
+        plan.choices, chat=plan.chat, session=request.headers.get(SESSION_HEADER)
     )
-    headers = {VERSION_HEADER: generation.served, REVISION_HEADER: str(generation.revision)}
-    if body.stream:
-        return GenerationStream(server, generation, chat=chat, headers=headers)
-    text = "".join([d async for d in server.deltas(generation)])
-    finish = generation.finish_reason
-    if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-        }
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        kind = "text_completion"
-    body_out = {
-        "id": generation.response_id,
-        "object": kind,
-        "created": generation.created,
-        "model": generation.served,
-        "choices": [choice],
-        "usage": _usage(generation),
-    }
-    return JSONResponse(body_out, headers=headers)
-
-
-def _usage(generation: Generation) -> dict[str, int]:
-    return {
-        "prompt_tokens": generation.prompt_tokens,
-        "completion_tokens": generation.completion_tokens,
-        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-    }
+    first = generations[0]
+    headers = {VERSION_HEADER: first.served, REVISION_HEADER: str(first.revision)}
+    if plan.stream:
+        return GenerationStream(server, plan, generations, headers=headers)
+    try:
+        body = await whole_body(server, plan, generations)
+    finally:
+        for generation in generations:
+            server.abandon(generation)  # a choice whose reading never began (cancelled)
+    return JSONResponse(body, headers=headers)
 
 
 class GenerationStream(StreamingResponse):
-    """Server-sent events of one generation. A client that leaves before the first event
-    never starts the event generator, so the request is freed here too (Server.abandon)."""
+    """Server-sent events of one request's generations. A client that leaves before the
+    first event never starts the event generator, so the requests are freed here too
+    (Server.abandon)."""
 
     def __init__(
-        self, server: Server, generation: Generation, *, chat: bool, headers: dict[str, str]
+        self, server: Server, plan: Plan, generations: list[Generation], *, headers: dict[str, str]
     ) -> None:
-        stream = _sse(server, generation, chat=chat)
-        super().__init__(stream, media_type="text/event-stream", headers=headers)
-        self.server, self.generation = server, generation
+        super().__init__(
+            sse(server, plan, generations), media_type="text/event-stream", headers=headers
+        )
+        self.server, self.generations = server, generations
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.server.abandon(self.generation)
-
-
-async def _sse(server: Server, generation: Generation, *, chat: bool) -> AsyncIterator[str]:
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-        if chat:
-            delta: dict[str, str] = {"role": "assistant"} if first else {}
-            if text:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        body = {
-            "id": generation.response_id,
-            "object": kind,
-            "created": generation.created,
-            "model": generation.served,
-            "choices": [choice],
-        }
-        return f"data: {json.dumps(body)}\n\n"
-
-    first = True
-    async for delta in server.deltas(generation):
-        yield chunk(delta, None, first)
-        first = False
-    yield chunk(None, generation.finish_reason, first)
-    yield "data: [DONE]\n\n"
+            for generation in self.generations:
+                self.server.abandon(generation)
 
 
 @app.post("/v1/feedback")

@@ -9,6 +9,8 @@ Stop strings: text that could be the start of a stop string is held back until t
 tokens show whether the stop string follows (a stop string may be split across any number
 of tokens). The client never sees any part of a stop string; what was held back and
 turned out not to be one is handed out with the next delta, or by `flush` at the end.
+With `include_stop` (vLLM's include_stop_str_in_output) the stop string that ended the text
+is handed out too, and nothing after it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ Decode = Callable[[list[int]], str]
 
 
 class Detokenizer:
-    def __init__(self, decode: Decode, stops: Sequence[str] = ()) -> None:
-        """`decode`: token ids -> text (special tokens skipped); `stops`: non-empty strings."""
+    def __init__(
+        self, decode: Decode, stops: Sequence[str] = (), *, include_stop: bool = False
+    ) -> None:
+        """`decode`: token ids -> text; `stops`: non-empty strings."""
         self._decode = decode
         self.stops = list(stops)
+        self.include_stop = include_stop
         self.tokens: list[int] = []
         self.text = ""  # decoded so far; cut before the stop string once one is found
         self.sent = 0  # characters of `text` handed out
@@ -44,6 +49,8 @@ class Detokenizer:
         self.text += after[len(before) :]
         cut = first_stop(self.text, self.stops, self.sent)
         if cut is not None:
+            if self.include_stop:
+                cut += max(len(s) for s in self.stops if self.text.startswith(s, cut))
             self.text = self.text[:cut]
             self.stopped = True
             return self._emit(len(self.text))

@@ -1,5 +1,5 @@
-"""One admitted request (Generation), what the HTTP layer asks for (SamplingRequest), the
-response ids the client sees, and the relay of token events from the engine thread."""
+"""One admitted request (Generation), what the HTTP layer asks for (Ask), the response ids
+the client sees, and the relay of token events from the engine thread."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from serving.engines.seam import TokenEvent
+from serving.engines.seam import SamplingParams, TokenEvent, TokenLogprob
 from serving.runtime.routing import Target
 
 RESPONSE_PREFIXES = ("chatcmpl-", "cmpl-")
@@ -28,23 +27,17 @@ def request_id_of(response: str) -> str:
     return response
 
 
-class SamplingRequest(Protocol):
-    """The fields of a completion or chat request that admission reads (serving/http's
-    request schemas have them)."""
+@dataclass(frozen=True)
+class Ask:
+    """What one choice of a request asks for: the HTTP layer builds it from the OpenAI
+    fields (serving/http/openai_request.py); admission checks it against the server."""
 
-    @property
-    def model(self) -> str: ...
-    @property
-    def max_tokens(self) -> int: ...
-    @property
-    def temperature(self) -> float: ...
-    @property
-    def top_p(self) -> float: ...
-    @property
-    def seed(self) -> int | None: ...
-    def stop_list(self) -> list[str]:
-        """The stop strings; ValueError naming the bound if there are too many."""
-        ...
+    model: str
+    params: SamplingParams
+    max_tokens: int | None = None  # None: the rest of the context, up to the server's limit
+    stops: tuple[str, ...] = ()
+    include_stop: bool = False  # the stop string that ended the output is part of it
+    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -66,6 +59,11 @@ class Generation:
     chat: bool = False
     consumed: bool = False  # deltas() began; it frees the request when it ends
     revision: int = 0  # registry revision of the alias map that resolved it
+    ask: Ask | None = field(default=None, repr=False)
+    # (token id, its logprob) of each generated token, when the request asked for them
+    token_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list, repr=False)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = field(default=None, repr=False)
+    scored_ids: list[int] = field(default_factory=list, repr=False)  # prompt_logprobs' tokens
 
     @property
     def response_id(self) -> str:

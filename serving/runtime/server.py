@@ -6,9 +6,12 @@ serving/watch/. The HTTP layer (serving/http/) calls only this class.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from registry import Registry
@@ -16,10 +19,11 @@ from registry.basemodel import inspect_base
 from registry.errors import LorafleetError
 from registry.names import DEFAULT_ALIAS, parse_model_ref
 from serving.engines import build_engine
+from serving.errors import BadRequest
 from serving.metrics import TTFT_SECONDS
-from serving.runtime.admission import Admission
+from serving.runtime.admission import Admission, Prompt
 from serving.runtime.detokenizer import Detokenizer
-from serving.runtime.generation import Generation, SamplingRequest
+from serving.runtime.generation import Ask, Generation
 from serving.runtime.hotswap import HotSwap
 from serving.runtime.outcomes import Outcomes
 from serving.runtime.residency import Residency
@@ -34,11 +38,19 @@ from serving.watch.samples import DriftHistory, Traffic
 logger = logging.getLogger(__name__)
 
 
+def vocab_size(base: Path) -> int:
+    """The width of the model's logits, from its config.json (a multimodal model's text
+    config holds it)."""
+    config = json.loads((base / "config.json").read_text())
+    return int(config.get("text_config", config)["vocab_size"])
+
+
 class Server:
     def __init__(self, config: ServeConfig) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
+        self.started = int(time.time())  # the `created` of the model objects
         self.registry = Registry(config.home)
         fingerprint = inspect_base(config.base).fingerprint
         if fingerprint != self.registry.base.fingerprint:
@@ -48,6 +60,7 @@ class Server:
                 f"{self.registry.base.path} or use the registry of this base (--home)"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.base))
+        self.vocab_size = vocab_size(config.base)
         self.drift = Drift(DriftSettings.from_config(config), registry_profiles(self.registry))
         self.engine_name, self.engine = build_engine(config)
         self.residency = Residency(self.engine, self.engine_name, self.registry)
@@ -72,7 +85,13 @@ class Server:
         )
         self.hotswap = HotSwap(config, self.registry, self.router, self.residency, self.request_log)
         self.admission = Admission(
-            config, self.tokenizer, self.engine, self.router, self.residency, self.outcomes
+            config,
+            self.tokenizer,
+            self.vocab_size,
+            self.engine,
+            self.router,
+            self.residency,
+            self.outcomes,
         )
         self.hotswap.start()
         self.drift_history.start()
@@ -115,26 +134,49 @@ class Server:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        )
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt of a conversation, by the base's chat template; BadRequest with the
+        template's own message when it refuses the conversation (say, roles out of order)."""
+        from jinja2 import TemplateError
+
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError as err:
+            raise BadRequest(
+                f"messages: the chat template of this base refused them: {err}"
+            ) from err
+        except ValueError as err:  # no chat template, or one transformers cannot use
+            raise BadRequest(f"messages: {err}") from err
+        return str(rendered)
 
     async def start(
-        self, body: SamplingRequest, prompt: str, *, chat: bool, session: str | None
-    ) -> Generation:
-        """Admit a request (serving/runtime/admission.py); every refusal is raised here."""
-        return await self.admission.start(body, prompt, chat=chat, session=session)
+        self, choices: list[tuple[Prompt, Ask]], *, chat: bool, session: str | None
+    ) -> list[Generation]:
+        """Admit a request's choices (serving/runtime/admission.py); every refusal is raised
+        here, and then none of them runs."""
+        return await self.admission.start(choices, chat=chat, session=session)
 
     async def deltas(self, generation: Generation) -> AsyncIterator[str]:
         """Text deltas as tokens arrive, never any part of a stop string; sets finish_reason.
         Cancels the engine request if the consumer goes away (client disconnect)."""
         started = time.perf_counter()
-        text = Detokenizer(self._decode, generation.stops)
+        ask = generation.ask
+        skip = ask.skip_special_tokens if ask else True
+        text = Detokenizer(
+            lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=skip)),
+            generation.stops,
+            include_stop=ask.include_stop if ask else False,
+        )
         generation.consumed = True
         try:
             while True:
                 event = await generation.queue.get()
+                if event.prompt_logprobs is not None:
+                    generation.prompt_logprobs = event.prompt_logprobs
+                if event.logprob is not None and event.token_id is not None:
+                    generation.token_logprobs.append((event.token_id, event.logprob))
                 if event.token_id is None:
                     generation.finish_reason = event.finish_reason
                     if event.error:
@@ -172,8 +214,9 @@ class Server:
         self.engine.cancel(generation.id)
         self.outcomes.finished(generation, None)
 
-    def _decode(self, tokens: list[int]) -> str:
-        return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (logprobs name tokens by it)."""
+        return [str(self.tokenizer.decode([i])) for i in ids]
 
     def feedback(self, response_id: str, score: float, correction: str | None) -> int:
         generation = self.outcomes.recent.get(response_id)
@@ -216,17 +259,43 @@ class Server:
         return report
 
     def models(self) -> list[dict[str, Any]]:
+        """OpenAI's model objects: the base, then each adapter with its active versions and
+        its aliases (NAME serves NAME:production)."""
         current = self.router.map
-        out: list[dict[str, Any]] = [{"id": "base", "object": "model", "owned_by": "lorafleet"}]
+        out: list[dict[str, Any]] = [self._model_object("base")]
         for adapter, states in sorted(current.versions.items()):
             aliases = {a: v for (n, a), (v, _) in current.aliases.items() if n == adapter}
             out.append(
                 {
-                    "id": adapter,
-                    "object": "model",
-                    "owned_by": "lorafleet",
+                    **self._model_object(adapter),
                     "versions": sorted(v for v, s in states.items() if s == "active"),
                     "aliases": aliases,
                 }
             )
         return out
+
+    def model(self, name: str) -> dict[str, Any]:
+        """The model object of `name` (base, NAME, NAME:ALIAS, NAME@VERSION), with the version
+        it serves now (without the canary split); NotFound naming what exists."""
+        ref = parse_model_ref(name)
+        if ref.adapter is None:
+            return self._model_object("base")
+        listed = next((m for m in self.models() if m["id"] == ref.adapter), None)
+        if listed is not None and name == ref.adapter:  # NAME: its entry of the list
+            held = self.router.map.aliases.get((ref.adapter, DEFAULT_ALIAS))
+            return {**listed, "version": held[0] if held else None}
+        adapter, version = self.drift_key(name)  # NotFound naming what exists
+        created = self.registry.get_version(adapter, version).created_at
+        return {
+            **self._model_object(name, created=int(datetime.fromisoformat(created).timestamp())),
+            "adapter": adapter,
+            "version": version,
+        }
+
+    def _model_object(self, name: str, *, created: int | None = None) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": created if created is not None else self.started,
+            "owned_by": "lorafleet",
+        }

@@ -102,12 +102,15 @@ def test_a_1mb_prompt_is_refused_naming_the_field_and_its_limit(alpha_app: Servi
 def test_out_of_range_sampling_fields_name_field_and_bound(alpha_app: Service) -> None:
     cases = [
         ({"max_tokens": 513}, 400, None, "max_tokens 513 > 512, the limit of this server"),
-        ({"max_tokens": 0}, 422, "max_tokens", "greater than or equal to 1"),
+        ({"max_tokens": -1}, 422, "max_tokens", "greater than or equal to 0"),
+        ({"max_tokens": 0}, 400, "max_tokens", "0 is only valid with echo"),
         ({"temperature": -0.5}, 422, "temperature", "greater than or equal to 0"),
         ({"temperature": 2.5}, 422, "temperature", "less than or equal to 2"),
         ({"seed": 2**64}, 422, "seed", "less than or equal to 9223372036854775807"),
         ({"seed": -1}, 422, "seed", "greater than or equal to 0"),
-        ({"colour": "red"}, 422, "colour", "colour: Extra inputs are not permitted"),
+        ({"colour": "red"}, 400, "colour", "unrecognized request argument(s): colour"),
+        ({"tools": [{"type": "function"}]}, 400, "tools", "unrecognized request argument(s)"),
+        ({"suffix": "and so on"}, 400, "suffix", "suffix: not supported by lorafleet"),
         ({"model": "alpha@¹"}, 400, None, "version must be an integer >= 1"),
         ({"model": "@¹"}, 400, None, "version must be an integer >= 1"),
     ]
@@ -175,6 +178,7 @@ def test_a_stream_left_before_its_first_event_is_freed(home: Path, tiny_base: Pa
     Starlette's disconnect watcher cancels the response before its event generator ever
     runs: the request must still be cancelled and leave nothing in flight."""
     from serving.http.app import GenerationStream
+    from serving.http.openai_request import completion_plan
     from serving.http.schemas import CompletionRequest
     from serving.runtime.server import Server
     from serving.serve_config import ServeConfig
@@ -191,9 +195,10 @@ def test_a_stream_left_before_its_first_event_is_freed(home: Path, tiny_base: Pa
 
     async def leave() -> None:
         body = CompletionRequest(model="base", prompt="The customer sends", max_tokens=64)
-        generation = await server.start(body, body.prompt, chat=False, session=None)
+        plan = completion_plan(body)
+        (generation,) = await server.start(plan.choices, chat=False, session=None)
         assert server.in_flight == 1
-        stream = GenerationStream(server, generation, chat=False, headers={})
+        stream = GenerationStream(server, plan, [generation], headers={})
         await stream({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
         assert generation.finish_reason == "cancelled" and server.in_flight == 0
 

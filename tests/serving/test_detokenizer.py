@@ -114,3 +114,11 @@ def test_the_tiny_tokenizer_token_by_token(tiny_base: Path) -> None:
         if cut.stopped:
             break
     assert cut.stopped and "".join(out) == decode(ids).split("###")[0]
+
+
+def test_include_stop_keeps_the_stop_string_and_nothing_after() -> None:
+    vocab = ["ab", "c#", "##", "tail"]
+    kept = Detokenizer(lambda ids: "".join(vocab[i] for i in ids), ["###"], include_stop=True)
+    deltas = [kept.add(i) for i in range(3)]
+    assert "".join(deltas) == "abc###" and kept.stopped
+    assert kept.text == "abc###"

@@ -178,9 +178,9 @@ def test_errors_name_what_is_wrong(service: Service) -> None:
     cases = [
         ({"temperature": -1}, 422, "temperature"),
         ({"top_p": 0}, 422, "top_p"),
-        ({"max_tokens": 0}, 422, "max_tokens"),
+        ({"max_tokens": 0}, 400, "only valid with echo"),
         ({"max_tokens": 65}, 400, "max_tokens 65 > 64"),
-        ({"colour": "red"}, 422, "colour"),
+        ({"colour": "red"}, 400, "unrecognized request argument(s): colour"),
         ({"prompt": "word " * 400}, 400, "exceeds max_len 256"),
         ({"model": "Bad Name"}, 400, "invalid"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),

@@ -80,3 +80,63 @@ def test_promote_and_rollback_switch_versions(service: Any) -> None:
     assert service.served("alpha")[0] == "alpha@2"
     assert service.admin("/admin/rollback", {"adapter": "alpha"}).status_code == 200
     assert service.served("alpha")[0] == "alpha@1"
+
+
+def test_openai_extras_on_the_vllm_engine(service: Any) -> None:
+    """Through the service on vLLM: echo's prompt logprobs equal log_softmax of transformers
+    + peft, each generated token has its logprob, json_schema output validates, and n
+    choices and the usage chunk come as on the hf engine."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(service.base))
+    ids = tok(PROMPT)["input_ids"]
+    answer = service.client.completions.create(
+        model="alpha", prompt=ids, max_tokens=4, temperature=0, logprobs=3, echo=True
+    )
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None
+    tokens = answer.usage.completion_tokens if answer.usage else 0
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(service.base)), str(service.adapters["alpha@1"])
+    )
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    served = logprobs.token_logprobs
+    assert served[0] is None and len(served) == len(ids) + tokens
+    for position in range(1, len(ids)):
+        expected = float(reference[position - 1, ids[position]])
+        assert abs(served[position] - expected) < 1e-4, (position, served[position], expected)
+    assert all(value is not None for value in served[len(ids) :])
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "maxLength": 6}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    structured = service.client.chat.completions.create(
+        model="alpha",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+    )
+    parsed = json.loads(structured.choices[0].message.content or "")
+    assert set(parsed) == {"label"} and len(parsed["label"]) <= 6
+    chunks = list(
+        service.client.completions.create(
+            model="alpha",
+            prompt=PROMPT,
+            max_tokens=3,
+            n=2,
+            seed=7,
+            temperature=1.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert not chunks[-1].choices and chunks[-1].usage is not None
