@@ -11,6 +11,9 @@ Groups (all by default, in this order):
   drift       B9 drift statistics on / off (HTTP, B1 mixed load, two servers side by side)
   dashboard   B10 the dashboard's traffic series: every version cold / steady poll,
               B11 its fleet snapshot of 1000 adapters and 100,000 events (ms)
+  openai      B12 requests asking nothing extra, with logprobs / json_schema requests in
+              the B1 mix, B13 vLLM's benchmark client (`vllm bench serve`'s request
+              function) / lorafleet's own measurement of the same server (tok/s, TTFT, TPOT)
 
 Prints a table of ratios and writes loadtests/results/<timestamp>.json and PNG plots beside
 it. Each figure carries its setup and every repeat's value (median and min-max printed).
@@ -30,7 +33,7 @@ from pathlib import Path
 from loadtests.bench.common import RESULTS, Figure, Setup, build_base, make_adapters, register
 from loadtests.bench.throughput import Sweeps
 
-GROUPS = ("throughput", "swap", "engines", "scale", "tuning", "drift", "dashboard")
+GROUPS = ("throughput", "swap", "engines", "scale", "tuning", "drift", "dashboard", "openai")
 
 
 def main() -> None:
@@ -100,6 +103,12 @@ def main() -> None:
             from loadtests.bench.dashboard import dashboard_figures
 
             show(dashboard_figures(work, base, setup))
+        if "openai" in groups:
+            from loadtests.bench.openai_extras import openai_figures
+
+            found = openai_figures(base, home, names, setup)
+            print(found[-1].line(), flush=True)  # B12 printed as it was measured
+            figures.extend(found)
 
     took = time.perf_counter() - started
     print(f"\n{'':3} {'ratio':>6}  (bench took {took / 60:.1f} min)")

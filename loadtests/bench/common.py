@@ -4,6 +4,7 @@ process, traffic rounds over HTTP, and the registry the benchmarks serve from.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -301,25 +302,39 @@ class Round:
     latencies: list[float]
     ttfts: list[float]
     versions: list[str]
+    tokens: list[int] = field(default_factory=list)  # generated tokens of each request
 
 
 async def http_round_async(
-    url: str, models: list[str], texts: list[str], new_tokens: int, *, stream: bool = False
+    url: str,
+    models: list[str],
+    texts: list[str],
+    new_tokens: int,
+    *,
+    stream: bool = False,
+    extras: list[dict[str, Any]] | None = None,
 ) -> Round:
     """All requests at once. Whole responses count tokens from `usage`; streamed ones also
-    time the first chunk (one chunk per token here, none held back by stop strings)."""
+    time the first chunk (one chunk per token here, none held back by stop strings), or take
+    `usage` from the last chunk where the request asks for it (`stream_options`). `extras[i]`,
+    when given, adds fields to request i's body (`logprobs`, `response_format`, `ignore_eos`,
+    ...) or replaces the ones above."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(models) + 4)
+    fields = extras if extras is not None else [{} for _ in models]
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
-        async def one(model: str, text: str) -> tuple[int, float, float, str]:
+        async def one(
+            model: str, text: str, extra: dict[str, Any]
+        ) -> tuple[int, float, float, str]:
             body = {
                 "model": model,
                 "prompt": text,
                 "max_tokens": new_tokens,
                 "temperature": 0,
                 "stream": stream,
+                **extra,
             }
             started = time.perf_counter()
             if not stream:
@@ -328,32 +343,49 @@ async def http_round_async(
                 tokens = int(r.json()["usage"]["completion_tokens"])
                 took = time.perf_counter() - started
                 return tokens, took, float("nan"), r.headers.get(VERSION_HEADER, "")
-            first, chunks = float("nan"), 0
+            first, chunks, usage = float("nan"), 0, None
+            usage_asked = bool((body.get("stream_options") or {}).get("include_usage"))
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
-                    if line.startswith("data: {"):
-                        chunks += 1
-                        if chunks == 1:
-                            first = time.perf_counter() - started
+                    if not line.startswith("data: {"):
+                        continue
+                    if usage_asked and (chunk := json.loads(line[6:])).get("usage"):
+                        usage = int(chunk["usage"]["completion_tokens"])
+                        continue
+                    chunks += 1
+                    if chunks == 1:
+                        first = time.perf_counter() - started
                 version = r.headers.get(VERSION_HEADER, "")
-            return chunks, time.perf_counter() - started, first, version
+            tokens = chunks if usage is None else usage
+            return tokens, time.perf_counter() - started, first, version
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(m, t) for m, t in zip(models, texts, strict=True)))
+        results = await asyncio.gather(
+            *(one(m, t, x) for m, t, x in zip(models, texts, fields, strict=True))
+        )
         wall = time.perf_counter() - started
     return Round(
         sum(r[0] for r in results) / wall,
         [r[1] for r in results],
         [r[2] for r in results],
         [r[3] for r in results],
+        [r[0] for r in results],
     )
 
 
 def http_round(
-    url: str, models: list[str], texts: list[str], new_tokens: int, *, stream: bool = False
+    url: str,
+    models: list[str],
+    texts: list[str],
+    new_tokens: int,
+    *,
+    stream: bool = False,
+    extras: list[dict[str, Any]] | None = None,
 ) -> Round:
-    return asyncio.run(http_round_async(url, models, texts, new_tokens, stream=stream))
+    return asyncio.run(
+        http_round_async(url, models, texts, new_tokens, stream=stream, extras=extras)
+    )
 
 
 def percentile(values: list[float], q: float) -> float:

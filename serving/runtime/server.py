@@ -61,6 +61,7 @@ class Server:
             )
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.base))
         self.vocab_size = vocab_size(config.base)
+        self._token_texts: dict[int, str] = {}  # at most vocab_size entries
         self.drift = Drift(DriftSettings.from_config(config), registry_profiles(self.registry))
         self.engine_name, self.engine = build_engine(config)
         self.residency = Residency(self.engine, self.engine_name, self.registry)
@@ -215,8 +216,13 @@ class Server:
         self.outcomes.finished(generation, None)
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's own text (logprobs name tokens by it)."""
-        return [str(self.tokenizer.decode([i])) for i in ids]
+        """Each token's own text (logprobs name tokens by it), decoded once per token id: a
+        request with top_logprobs 5 names six tokens per generated one."""
+        texts = self._token_texts
+        for i in ids:
+            if i not in texts:
+                texts[i] = str(self.tokenizer.decode([i]))
+        return [texts[i] for i in ids]
 
     def feedback(self, response_id: str, score: float, correction: str | None) -> int:
         generation = self.outcomes.recent.get(response_id)
