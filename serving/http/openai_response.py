@@ -90,6 +90,7 @@ class Formatter:
         self.server, self.plan, self.generation = server, plan, generation
         self.shown = 0  # generated tokens whose logprobs went out
         self.offset = 0  # text_offset of the next token
+        self.prompt_shown = False  # echo: the prompt's tokens went out (first chunk)
 
     def chat_logprobs(self, upto: int) -> dict[str, Any] | None:
         if self.plan.logprobs is None:
@@ -116,7 +117,8 @@ class Formatter:
             return None
         ids: list[int] = []
         entries: list[TokenLogprob | None] = []
-        if echo and self.shown == 0 and self.offset == 0:
+        if echo and not self.prompt_shown:
+            self.prompt_shown = True
             scored = self.generation.scored_ids
             ids += scored
             entries += list(self.generation.prompt_logprobs or [None] * len(scored))

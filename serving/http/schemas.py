@@ -72,6 +72,7 @@ class SamplingFields(BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
+
     model: str = Field(min_length=1, max_length=200)
     max_tokens: int | None = Field(None, ge=0)
     """None: 16 on completions (OpenAI's default); on chat, the rest of the context up to
@@ -203,13 +204,12 @@ NO_ASK: dict[str, tuple[Any, ...]] = {
 
 def unsupported_fields(body: BaseModel) -> list[tuple[str, str]]:
     """(field, what to do) for each documented field the request sets that lorafleet does
-    not implement, including fields of its messages."""
+    not implement, including fields of its messages (unknown fields are refused before)."""
     found = []
-    for name in body.model_fields_set:
-        if name in UNSUPPORTED and type(body).model_fields.get(name) is not None:
-            value = getattr(body, name)
-            if value is not None and value not in NO_ASK.get(name, ()):
-                found.append((name, UNSUPPORTED[name]))
+    for name in body.model_fields_set & UNSUPPORTED.keys():
+        value = getattr(body, name)
+        if value is not None and value not in NO_ASK.get(name, ()):
+            found.append((name, UNSUPPORTED[name]))
     for i, message in enumerate(getattr(body, "messages", None) or []):
         for name in ("audio", "function_call"):
             if getattr(message, name) is not None:
@@ -220,10 +220,9 @@ def unsupported_fields(body: BaseModel) -> list[tuple[str, str]]:
 def unknown_fields(body: BaseModel) -> list[str]:
     """Paths of the fields no reference defines (`colour`, `messages[0].colour`)."""
     found = [str(k) for k in (body.model_extra or {})]
-    for name in ("stream_options", "response_format"):
-        value = getattr(body, name, None)
-        if name == "response_format" and value is not None:
-            found += [f"{name}.{k}" for k in (value.model_extra or {})]
+    form = getattr(body, "response_format", None)
+    if form is not None:
+        found += [f"response_format.{k}" for k in (form.model_extra or {})]
     for i, message in enumerate(getattr(body, "messages", None) or []):
         found += [f"messages[{i}].{k}" for k in (message.model_extra or {})]
     return found

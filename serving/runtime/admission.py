@@ -171,13 +171,11 @@ class Admission:
             target,
             text,
             len(ids),
-            list(ask.stops),
+            ask,
             queue,
             prompt_ids=ids,
-            model=ask.model,
             chat=chat,
             revision=revision,
-            ask=ask,
             scored_ids=list(ids) if scored else [],
         )
         params = dataclasses.replace(ask.params, max_new_tokens=max_tokens)

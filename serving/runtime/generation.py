@@ -48,22 +48,25 @@ class Generation:
     target: Target | None
     prompt: str
     prompt_tokens: int
-    stops: list[str]
-    queue: asyncio.Queue[TokenEvent]
+    ask: Ask = field(repr=False)  # what it asked for: sampling, stop strings, decoding
+    queue: asyncio.Queue[TokenEvent] = field(repr=False)
     created: int = field(default_factory=lambda: int(time.time()))
     text: str = ""  # handed to the client so far
     completion_tokens: int = 0
     finish_reason: str | None = None
     prompt_ids: list[int] = field(default_factory=list, repr=False)  # until drift records it
-    model: str = ""  # the request's model field
     chat: bool = False
     consumed: bool = False  # deltas() began; it frees the request when it ends
     revision: int = 0  # registry revision of the alias map that resolved it
-    ask: Ask | None = field(default=None, repr=False)
     # (token id, its logprob) of each generated token, when the request asked for them
     token_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list, repr=False)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = field(default=None, repr=False)
     scored_ids: list[int] = field(default_factory=list, repr=False)  # prompt_logprobs' tokens
+
+    @property
+    def model(self) -> str:
+        """The request's model field."""
+        return self.ask.model
 
     @property
     def response_id(self) -> str:

@@ -164,11 +164,12 @@ class Server:
         Cancels the engine request if the consumer goes away (client disconnect)."""
         started = time.perf_counter()
         ask = generation.ask
-        skip = ask.skip_special_tokens if ask else True
         text = Detokenizer(
-            lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=skip)),
-            generation.stops,
-            include_stop=ask.include_stop if ask else False,
+            lambda ids: str(
+                self.tokenizer.decode(ids, skip_special_tokens=ask.skip_special_tokens)
+            ),
+            ask.stops,
+            include_stop=ask.include_stop,
         )
         generation.consumed = True
         try:
@@ -268,17 +269,18 @@ class Server:
         """OpenAI's model objects: the base, then each adapter with its active versions and
         its aliases (NAME serves NAME:production)."""
         current = self.router.map
-        out: list[dict[str, Any]] = [self._model_object("base")]
-        for adapter, states in sorted(current.versions.items()):
-            aliases = {a: v for (n, a), (v, _) in current.aliases.items() if n == adapter}
-            out.append(
-                {
-                    **self._model_object(adapter),
-                    "versions": sorted(v for v, s in states.items() if s == "active"),
-                    "aliases": aliases,
-                }
-            )
-        return out
+        return [
+            self._model_object("base"),
+            *(self._adapter_object(adapter, current) for adapter in sorted(current.versions)),
+        ]
+
+    def _adapter_object(self, adapter: str, current: AliasMap) -> dict[str, Any]:
+        states = current.versions[adapter]
+        return {
+            **self._model_object(adapter),
+            "versions": sorted(v for v, s in states.items() if s == "active"),
+            "aliases": {a: v for (n, a), (v, _) in current.aliases.items() if n == adapter},
+        }
 
     def model(self, name: str) -> dict[str, Any]:
         """The model object of `name` (base, NAME, NAME:ALIAS, NAME@VERSION), with the version
@@ -286,9 +288,10 @@ class Server:
         ref = parse_model_ref(name)
         if ref.adapter is None:
             return self._model_object("base")
-        listed = next((m for m in self.models() if m["id"] == ref.adapter), None)
-        if listed is not None and name == ref.adapter:  # NAME: its entry of the list
-            held = self.router.map.aliases.get((ref.adapter, DEFAULT_ALIAS))
+        current = self.router.map
+        if name == ref.adapter and ref.adapter in current.versions:  # NAME: its list entry
+            held = current.aliases.get((ref.adapter, DEFAULT_ALIAS))
+            listed = self._adapter_object(ref.adapter, current)
             return {**listed, "version": held[0] if held else None}
         adapter, version = self.drift_key(name)  # NotFound naming what exists
         created = self.registry.get_version(adapter, version).created_at
