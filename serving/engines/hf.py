@@ -22,7 +22,7 @@ sharing mixed two adapters' KV. So this engine runs a small loop:
   that ask for log-probabilities for one batched log_softmax. Grammars (serving/engines/
   structured.py) compile in `submit`, so a bad schema fails the caller.
 
-The forward pass over those buffers is serving/engines/llama_forward.py.
+The model runs its own transformers modules over those buffers: serving/engines/row_model.py.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from serving.engines.llama_forward import check_servable, forward
+from registry.families import hf_verdict
 from serving.engines.lora_slots import AdapterSlots, read_adapter
+from serving.engines.row_model import RowModel
 from serving.engines.seam import GenerationRequest, OnEvent, TokenEvent
 from serving.engines.token_choice import Queued, Row, TokenChoice
 from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
@@ -89,26 +90,16 @@ class HFEngine:
             str(base_dir), dtype=self.dtype, use_safetensors=True
         ).eval()  # type: ignore[no-untyped-call]
         config = model.config
-        check_servable(config, self.max_len)
-        self.model = model
+        verdict = hf_verdict(config.to_dict())
+        if verdict.reason is not None:
+            raise NotServable(verdict.reason)
         eos = config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
-        self.vocab_size = int(model.lm_head.out_features)  # the logits' width
-        self.choice = TokenChoice(base_dir, self.vocab_size, self.eos_ids, self.max_len)
         self.slots = AdapterSlots(model, self.adapter_slots, self.max_rank)
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
-        shape = (
-            config.num_hidden_layers,
-            self.max_batch,
-            config.num_key_value_heads,
-            self.max_len,
-            head_dim,
-        )
-        self.keys = torch.zeros(shape, dtype=self.dtype)
-        self.values = torch.zeros(shape, dtype=self.dtype)
-        self.head_dim = head_dim
+        self.rows_model = RowModel(model, self.max_batch, self.max_len)
+        self.model = model
+        self.vocab_size = self.rows_model.vocab_size  # the logits' width
+        self.choice = TokenChoice(base_dir, self.vocab_size, self.eos_ids, self.max_len)
 
     # ---- public, any thread --------------------------------------------------------------
 
@@ -320,10 +311,8 @@ class HFEngine:
         full_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of each row's last real position, and of every prompt position of
-        `full_rows` (serving/engines/llama_forward.py)."""
-        return forward(
-            self.model, self.keys, self.values, self.head_dim, ids, positions, prefill, full_rows
-        )
+        `full_rows` (serving/engines/row_model.py)."""
+        return self.rows_model.forward(ids, positions, prefill, full_rows)
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose and emit each row's next token from its raw logits (rows, vocab)."""
@@ -374,9 +363,7 @@ class HFEngine:
                 continue
             last = len(self.rows) - 1
             if i != last:
-                n = self.rows[last].length
-                self.keys[:, i, :, :n] = self.keys[:, last, :, :n]
-                self.values[:, i, :, :n] = self.values[:, last, :, :n]
+                self.rows_model.cache.move(last, i, self.rows[last].length)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
 
