@@ -78,6 +78,27 @@ def other_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_base(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """family_base(arch, tied=None) -> a tiny base (seed 0) of model type `arch`, one of
+    tuning.tinymodel.ARCHITECTURES; `tied` forces tie_word_embeddings (None: the family's
+    default). Built once per (arch, tied) for the session."""
+    from tuning.tinymodel import build_base_model
+
+    root = tmp_path_factory.mktemp("family-bases")
+    cache: dict[tuple[str, bool | None], Path] = {}
+
+    def build(arch: str, tied: bool | None = None) -> Path:
+        if (arch, tied) not in cache:
+            name = arch if tied is None else f"{arch}-{'tied' if tied else 'untied'}"
+            cache[arch, tied] = build_base_model(
+                root / name, size="tiny", seed=0, arch=arch, tie_word_embeddings=tied
+            )
+        return cache[arch, tied]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def adapter_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Callable[..., Path]:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tuning.tinymodel import SHAPES, build_base_model, build_random_adapter
+from tuning.tinymodel import (
+    ARCHITECTURES,
+    SHAPES,
+    TIED_FAMILIES,
+    build_base_model,
+    build_random_adapter,
+)
 
 TUNE_HELP = """Fine-tune a LoRA adapter: CONFIG.yaml plus KEY.SUB=VALUE overrides (values parsed
 as YAML, e.g. training.lr=3e-4 method.target_modules=[q_proj,v_proj]). Writes
@@ -25,15 +31,37 @@ def add_base_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     sub = base.add_subparsers(title="base commands", metavar="COMMAND", required=True)
     tiny = sub.add_parser(
         "tiny",
-        help="build a Llama-architecture model with its own tokenizer from a config",
-        description="Build a Llama-architecture causal LM with a byte-level BPE tokenizer "
-        "trained on generated text, a ChatML chat template, eos and pad tokens. The same "
-        "seed writes byte-identical files. Sizes: tiny (~0.75M parameters, for tests), "
-        "small (~79M, for benchmarks).",
+        help="build a random model of a supported family with its own tokenizer",
+        description="Build a causal LM of one of the families the hf engine serves (--arch), "
+        "with random weights, a byte-level BPE tokenizer trained on generated text, a ChatML "
+        "chat template, eos and pad tokens. Each family gets the fields that make its own "
+        "code matter at this size: sliding windows shorter than a test prompt, softcapping, "
+        "multipliers, layers without RoPE, experts. The same seed writes byte-identical "
+        "files. Sizes: tiny (~0.75M parameters, for tests), small (~80M, for benchmarks).",
     )
     tiny.add_argument("--out", type=Path, required=True, help="output directory")
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     tiny.add_argument("--size", choices=sorted(SHAPES), default="tiny", help="model size")
+    tiny.add_argument(
+        "--arch",
+        choices=ARCHITECTURES,
+        default="llama",
+        metavar="NAME",
+        help=f"model type: {', '.join(ARCHITECTURES)} (default llama)",
+    )
+    tied = tiny.add_mutually_exclusive_group()
+    tied.add_argument(
+        "--tied",
+        dest="tied",
+        action="store_const",
+        const=True,
+        default=None,
+        help="tie lm_head to the input embeddings (default: as the family's small "
+        f"checkpoints: tied for {', '.join(sorted(TIED_FAMILIES))})",
+    )
+    tied.add_argument(
+        "--untied", dest="tied", action="store_const", const=False, help="a separate lm_head"
+    )
     tiny.set_defaults(handler=cmd_base_tiny)
 
     adapter = sub.add_parser(
@@ -48,25 +76,32 @@ def add_base_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     adapter.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     adapter.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
     adapter.add_argument(
-        "--targets", default="q_proj,v_proj", help="comma-separated target modules"
+        "--targets",
+        help="comma-separated target modules (default: the base family's attention "
+        "projections, q_proj,v_proj or phi3's qkv_proj)",
     )
     adapter.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     adapter.set_defaults(handler=cmd_base_adapter)
 
 
 def cmd_base_tiny(args: argparse.Namespace) -> int:
-    out = build_base_model(args.out, size=args.size, seed=args.seed)
-    print(f"wrote {args.size} base model to {out}")
+    out = build_base_model(
+        args.out, size=args.size, seed=args.seed, arch=args.arch, tie_word_embeddings=args.tied
+    )
+    print(f"wrote {args.size} {args.arch} base model to {out}")
     return 0
 
 
 def cmd_base_adapter(args: argparse.Namespace) -> int:
+    targets = None
+    if args.targets is not None:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     out = build_random_adapter(
         args.base,
         args.out,
         rank=args.rank,
         alpha=args.alpha,
-        target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        target_modules=targets,
         seed=args.seed,
     )
     print(f"wrote rank-{args.rank} adapter for {args.base} to {out}")
