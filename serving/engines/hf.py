@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from registry.families import hf_verdict
+from registry.families import hf_verdict, read_config
 from serving.engines.lora_slots import AdapterSlots, read_adapter
 from serving.engines.row_model import RowModel
 from serving.engines.seam import GenerationRequest, OnEvent, TokenEvent
@@ -86,13 +86,14 @@ class HFEngine:
     def _load(self, base_dir: Path) -> None:
         from transformers import AutoModelForCausalLM
 
+        verdict = hf_verdict(read_config(base_dir))  # before loading weights it cannot run
+        if verdict.reason is not None:
+            raise NotServable(verdict.reason)
+
         model = AutoModelForCausalLM.from_pretrained(
             str(base_dir), dtype=self.dtype, use_safetensors=True
         ).eval()  # type: ignore[no-untyped-call]
         config = model.config
-        verdict = hf_verdict(config.to_dict())
-        if verdict.reason is not None:
-            raise NotServable(verdict.reason)
         eos = config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
         self.slots = AdapterSlots(model, self.adapter_slots, self.max_rank)

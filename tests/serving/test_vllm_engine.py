@@ -312,3 +312,33 @@ def test_json_schema_output_validates(tiny_base: Path, seam_events) -> None:  # 
     assert events[-1]["finish_reason"] == "stop", events[-1]
     text = AutoTokenizer.from_pretrained(str(tiny_base)).decode(tokens(events))
     jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_vllm_engine_equals_peft_on_other_families(  # type: ignore[no-untyped-def]
+    arch: str,
+    family_base: Callable[..., Path],
+    peft_greedy: Callable[..., list[int]],
+    tmp_path: Path,
+    plugin_run,
+) -> None:
+    """Families beyond Llama (tests/serving/test_families.py holds the hf engine to the
+    same reference): a mixed batch of the base and two adapters, prompts longer than the
+    tiny bases' sliding window. After `plugin_run`, so vLLM engines start one at a time."""
+    from tuning.tinymodel import build_random_adapter
+
+    base = family_base(arch)
+    adapters = {
+        "a@1": build_random_adapter(base, tmp_path / "a", rank=4, seed=41),
+        "b@1": build_random_adapter(
+            base, tmp_path / "b", rank=8, seed=42, target_modules=("q_proj", "v_proj", "o_proj")
+        ),
+    }
+    prompts = [[(7 * i + 13 * j) % 3000 + 100 for j in range(24 + 3 * i)] for i in range(4)]
+    keys: list[str | None] = [None, "a@1", "b@1", None]
+    expected = [
+        peft_greedy(base, adapters[k] if k else None, p, 10)
+        for p, k in zip(prompts, keys, strict=True)
+    ]
+    (events,) = run_engine(base, adapters, [mixed_batch(prompts, keys)], env={})
+    assert [tokens(e) for e in events] == expected
