@@ -14,6 +14,9 @@ Groups (all by default, in this order):
   openai      B12 requests asking nothing extra, with logprobs / json_schema requests in
               the B1 mix, B13 vLLM's benchmark client (`vllm bench serve`'s request
               function) / lorafleet's own measurement of the same server (tok/s, TTFT, TPOT)
+  families    B14 the hf engine on transformers' own modules / the forward pass it had
+              written for Llama (a git worktree of that commit), mixed and base only;
+              B15 mixed / base only on a Qwen3 base of the same size
 
 Prints a table of ratios and writes loadtests/results/<timestamp>.json and PNG plots beside
 it. Each figure carries its setup and every repeat's value (median and min-max printed).
@@ -33,7 +36,17 @@ from pathlib import Path
 from loadtests.bench.common import RESULTS, Figure, Setup, build_base, make_adapters, register
 from loadtests.bench.throughput import Sweeps
 
-GROUPS = ("throughput", "swap", "engines", "scale", "tuning", "drift", "dashboard", "openai")
+GROUPS = (
+    "throughput",
+    "swap",
+    "engines",
+    "scale",
+    "tuning",
+    "drift",
+    "dashboard",
+    "openai",
+    "families",
+)
 
 
 def main() -> None:
@@ -109,6 +122,10 @@ def main() -> None:
             found = openai_figures(base, home, names, setup)
             print(found[-1].line(), flush=True)  # B12 printed as it was measured
             figures.extend(found)
+        if "families" in groups:
+            from loadtests.bench.families import families_figures
+
+            show(families_figures(work, base, home, names, setup))
 
     took = time.perf_counter() - started
     print(f"\n{'':3} {'ratio':>6}  (bench took {took / 60:.1f} min)")
