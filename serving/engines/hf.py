@@ -9,7 +9,7 @@ sharing mixed two adapters' KV. So this engine runs a small loop:
 
 - One engine thread does all torch work (two threads running torch ops cost each other up to
   38%); callers only queue requests and receive tokens through callbacks.
-- KV lives in preallocated buffers (layers, max_batch, kv_heads, max_len, head_dim). Active
+- KV lives in preallocated buffers, per layer (max_batch, kv_heads, max_len, head_dim). Active
   requests occupy rows 0..n-1; a finished row is refilled by moving the last row into it, so
   the decode step attends over plain views `[:n, :, :L]`, never a gather.
 - New requests are admitted between decode steps (prefilled together in one right-padded
