@@ -8,19 +8,15 @@
 - B15: the same on a Qwen3 base of the same size (`lorafleet base tiny --size small --arch
   qwen3`): mixed / base only, as B1 measures it for Llama, and its tokens/s beside Llama's.
 
-Each side runs in its own process (loadtests/bench/inprocess.py `engine`).
+Each side runs in its own process (`throughput.in_process`, loadtests/bench/inprocess.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 from loadtests.bench.common import (
@@ -28,11 +24,11 @@ from loadtests.bench.common import (
     Figure,
     Setup,
     make_adapters,
-    prompts,
     ratio_figure,
     register,
     run_python,
 )
+from loadtests.bench.throughput import in_process
 
 # The last commit whose hf engine ran the forward pass written out for Llama.
 BEFORE = "28103f1"
@@ -44,36 +40,6 @@ def mixes(names: list[str], streams: int) -> dict[str, list[str]]:
         "mixed": [every[i % len(every)] for i in range(streams)],
         "base": ["base"] * streams,
     }
-
-
-def engine_values(
-    tree: Path, base: Path, home: Path, setup: Setup, models: list[str]
-) -> list[float]:
-    """tokens/s of each repeat of the hf engine of source tree `tree`."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtests.bench.inprocess",
-            "engine",
-            "--base",
-            str(base),
-            "--home",
-            str(home),
-            "--setup",
-            json.dumps(asdict(setup)),
-            "--models",
-            json.dumps(models),
-            "--texts",
-            json.dumps(prompts(len(models))),
-        ],
-        cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return [float(v) for v in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
 @contextmanager
@@ -98,7 +64,7 @@ def families_figures(
     with worktree(BEFORE) as before:
         for load, models in loads.items():
             for side, tree in (("after", ROOT), ("before", before)):
-                values[f"{load} {side}"] = engine_values(tree, base, home, setup, models)
+                values[f"{load} {side}"] = in_process("engine", base, home, setup, models, tree)
     for load in loads:
         figures.append(
             ratio_figure(
@@ -122,7 +88,7 @@ def families_figures(
     adapters = make_adapters(qwen, work / "qwen3-adapters", setup.adapters, setup.rank)
     register(qwen_home, qwen, dict(zip(names, adapters, strict=True)), setup.rank)
     qwen_values = {
-        load: engine_values(ROOT, qwen, qwen_home, setup, models) for load, models in loads.items()
+        load: in_process("engine", qwen, qwen_home, setup, models) for load, models in loads.items()
     }
     figures.append(
         ratio_figure(

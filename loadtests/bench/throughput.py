@@ -10,6 +10,7 @@ batch.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -93,7 +94,12 @@ def http_figures(
     return b1, values["mixed"]
 
 
-def in_process(side: str, base: Path, home: Path, setup: Setup, models: list[str]) -> list[float]:
+def in_process(
+    side: str, base: Path, home: Path, setup: Setup, models: list[str], tree: Path = ROOT
+) -> list[float]:
+    """tokens/s of each repeat of loadtests/bench/inprocess.py's `side`, run from source
+    tree `tree` (another checkout of the project runs its own engine)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree != ROOT else None
     out = subprocess.run(
         [
             sys.executable,
@@ -112,7 +118,8 @@ def in_process(side: str, base: Path, home: Path, setup: Setup, models: list[str
             json.dumps(prompts(len(models))),
         ],
         check=True,
-        cwd=ROOT,
+        cwd=tree,
+        env=env,
         capture_output=True,
         text=True,
     )

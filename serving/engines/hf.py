@@ -98,7 +98,6 @@ class HFEngine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
         self.slots = AdapterSlots(model, self.adapter_slots, self.max_rank)
         self.rows_model = RowModel(model, self.max_batch, self.max_len)
-        self.model = model
         self.vocab_size = self.rows_model.vocab_size  # the logits' width
         self.choice = TokenChoice(base_dir, self.vocab_size, self.eos_ids, self.max_len)
 
@@ -281,7 +280,7 @@ class HFEngine:
         positions = torch.arange(width).expand(len(rows), width)
         scored = [i for i, r in enumerate(rows) if r.request.params.prompt_logprobs is not None]
         full_rows = torch.tensor(scored) if scored else None
-        logits, full = self._forward(ids, positions, (first, lengths), full_rows)
+        logits, full = self.rows_model.forward(ids, positions, (first, lengths), full_rows)
         if full is not None:
             self.choice.score_prompts([rows[i] for i in scored], full)
         for row in rows:
@@ -298,22 +297,11 @@ class HFEngine:
         ids = torch.tensor([[r.last_token] for r in rows])
         positions = torch.tensor([[r.length] for r in rows])
         self.slots.set_rows([r.slot for r in rows], self.dtype)
-        logits, _ = self._forward(ids, positions, None)
+        logits, _ = self.rows_model.forward(ids, positions, None)
         for row in rows:
             row.length += 1
         self._advance(rows, logits)
         self._compact()
-
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        prefill: tuple[int, torch.Tensor] | None,
-        full_rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of each row's last real position, and of every prompt position of
-        `full_rows` (serving/engines/row_model.py)."""
-        return self.rows_model.forward(ids, positions, prefill, full_rows)
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose and emit each row's next token from its raw logits (rows, vocab)."""

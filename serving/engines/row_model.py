@@ -132,13 +132,6 @@ class RowCache(Cache):
             for buffer in buffers.values():
                 buffer[dst, :, :length] = buffer[src, :, :length]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions are per row and always passed explicitly
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return []
-
 
 def grouped_attention(
     q: torch.Tensor,
@@ -210,6 +203,7 @@ class RowModel:
         self.model = model
         self.cache = RowCache(max_batch, max_len)
         self._keep: torch.Tensor | None = None  # (positions, 2): row, position
+        self._last_step: Step | None = None  # the warm-up reads which layers it reached
         model.base_model.register_forward_hook(self._keep_hidden)
         self._warm_up()
 
@@ -229,6 +223,7 @@ class RowModel:
         )
         layers = int(self.model.config.num_hidden_layers)
         step = self._last_step
+        assert step is not None
         if len(self.cache.keys) != layers or len(step.layers_seen) != layers:
             raise NotServable(
                 f"{self.model.config.model_type} model: {len(step.layers_seen)} of {layers} "
