@@ -18,6 +18,7 @@ from typing import Any
 
 from registry.arguments import emit, registry_options
 from registry.errors import LorafleetError
+from registry.families import serving_engines
 from registry.loop_commands import add_loop_commands
 from registry.names import parse_model_ref
 from registry.records import VersionRecord
@@ -216,13 +217,21 @@ def _open(args: argparse.Namespace) -> Registry:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """Create the registry and say which engines can serve its base; a base that an engine
+    refuses is still accepted (the other engine may serve it)."""
     registry = Registry.create(args.home, args.base, max_rank=args.max_rank, actor=args.actor)
     info = registry.info()
+    verdicts = serving_engines(Path(info["base_path"]))
+    # engine -> None where it serves the base, else why not
+    info["engines"] = {v.engine: v.reason for v in verdicts}
+    engines = ", ".join(
+        f"{v.engine} yes" if v.ok else f"{v.engine} no ({v.reason})" for v in verdicts
+    )
     return emit(
         args,
         info,
         f"registry {info['home']} bound to base {info['base_fingerprint']} "
-        f"({info['base_path']}), max rank {info['max_rank']}",
+        f"({info['base_path']}), max rank {info['max_rank']}\nengines: {engines}",
     )
 
 

@@ -14,6 +14,9 @@ from registry.errors import LorafleetError
 from registry.profile import SIGNALS
 
 CONFIG_ENV = "LORAFLEET_SERVE_CONFIG"
+# The file a worker writes its start-up failure to (serving/http/service.py), set and watched
+# by `lorafleet serve` (serving/cli/serve.py).
+START_FAILURE_ENV = "LORAFLEET_START_FAILURE_FILE"
 
 
 class ServeConfig(BaseModel):

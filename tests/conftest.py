@@ -323,7 +323,7 @@ def serve() -> Callable[..., AbstractContextManager[Service]]:
                     raise RuntimeError("server did not become ready in 180 s")
                 time.sleep(0.5)
             service = Service(url, home, adapters, base)
-            service.pid = proc.pid  # `lorafleet serve`, which became `bentoml serve`
+            service.pid = proc.pid  # `lorafleet serve`, which runs `bentoml serve` as its child
             yield service
         finally:
             os.killpg(proc.pid, signal.SIGTERM)

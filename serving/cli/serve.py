@@ -1,12 +1,23 @@
-"""`lorafleet serve`: validate the server config, then run the BentoML service."""
+"""`lorafleet serve`: validate the server config and check that the engine serves the base,
+then run the BentoML service as a child and watch it: a worker that fails at start-up ends
+the server with its reason on one line (serving/http/service.py writes it), never a worker
+restarted in a loop."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args, get_origin
 
@@ -18,12 +29,18 @@ if TYPE_CHECKING:
 SERVE_HELP = """Serve one base model and the registry's adapters over an OpenAI-compatible
 HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /v1/feedback), with an admin
 API behind --api-key and Prometheus metrics at /metrics. Alias changes in the registry (from
-any process) take effect within a second."""
+any process) take effect within a second. A base the engine cannot serve is refused before
+the server starts; a server whose start fails ends with the reason on one line."""
 
 
 # Options of `lorafleet serve` that are not ServeConfig's: where BentoML listens.
 LISTEN_OPTIONS = {"host": ("127.0.0.1", "listen address"), "port": (3000, "listen port")}
 GROUPS = {"drift": "drift (serving/watch/drift.py)", "loop": "request log and canary verdicts"}
+
+POLL_S = 0.2  # how often the watch looks for the worker's start-up failure file
+GRACE_S = 10.0  # from SIGTERM to SIGKILL, when the server must end
+PR_SET_PDEATHSIG = 1  # prctl(2) options
+PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass(frozen=True)
@@ -133,25 +150,162 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from registry.families import verdict
     from registry.registry import Registry
-    from serving.serve_config import CONFIG_ENV
+    from serving.engines import engine_name
+    from serving.errors import NotServable
+    from serving.serve_config import CONFIG_ENV, START_FAILURE_ENV
 
     config = config_from_args(args)
     Registry(config.home).close()  # a missing registry is a one-line error here, not in a worker
+    # A base the engine cannot serve, from its config.json: refused in seconds, before
+    # BentoML and the engine start.
+    check = verdict(engine_name(config), config.base)
+    if check.reason is not None:
+        raise NotServable(check.reason)
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
-    os.environ[CONFIG_ENV] = config.to_env()
-    os.execv(
+    argv = [
         bentoml,
-        [
-            bentoml,
-            "serve",
-            "serving.http.service:LoraFleet",
-            "--host",
-            args.host,
-            "--port",
-            str(args.port),
-        ],
-    )
+        "serve",
+        "serving.http.service:LoraFleet",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    with tempfile.TemporaryDirectory(prefix="lorafleet-serve-") as scratch:
+        failure_file = Path(scratch) / "start-failure"
+        env = {**os.environ, CONFIG_ENV: config.to_env(), START_FAILURE_ENV: str(failure_file)}
+        return supervise(argv, env, failure_file)
+
+
+def supervise(argv: list[str], env: dict[str, str], failure_file: Path) -> int:
+    """Run BentoML (`argv`) in a session of its own until it exits; its exit status.
+
+    SIGTERM and SIGINT are passed on to its process group. When its worker writes a failed
+    start to `failure_file`, BentoML is stopped (SIGTERM, SIGKILL after GRACE_S) and the
+    reason raised, so the server ends with one line. If this process dies, even by SIGKILL,
+    BentoML gets SIGTERM (PR_SET_PDEATHSIG) and stops its worker; BentoML's worker runs in
+    a session of its own, so this process is a child subreaper: whatever BentoML leaves
+    behind becomes its child, and is ended before it returns.
+    """
+    from registry.errors import LorafleetError
+
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    child = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_follow(os.getpid()))
+
+    def forward(signum: int, _frame: object) -> None:
+        if child.returncode is None:
+            _signal_group(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    failure: str | None = None
+    kill_at = math.inf
+    try:
+        while child.poll() is None:
+            if failure is None and (failure := _read_failure(failure_file)) is not None:
+                _signal_group(child.pid, signal.SIGTERM)
+                kill_at = time.monotonic() + GRACE_S
+            elif time.monotonic() > kill_at:
+                _signal_group(child.pid, signal.SIGKILL)
+                kill_at = math.inf
+            _reap_orphan(child.pid)
+            time.sleep(POLL_S)
+    finally:
+        if child.poll() is None:  # this loop failed: do not leave BentoML running
+            _signal_group(child.pid, signal.SIGTERM)
+        _end_orphans()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failure = failure or _read_failure(failure_file)
+    if failure is not None:
+        raise LorafleetError(f"the server did not start: {failure}")
+    code = child.returncode
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+def _read_failure(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    return ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = _libc()
+    if libc is not None and libc.prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl({option}, {value}): {os.strerror(errno)}")
+
+
+def _follow(parent: int) -> Callable[[], None]:
+    """The child's set-up between fork and exec: SIGTERM when `parent` dies."""
+    _libc()  # loaded before the fork
+
+    def follow() -> None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the prctl
+            os._exit(1)
+
+    return follow
+
+
+def _children() -> list[int]:
+    """The pids whose parent is this process (on Linux, from /proc)."""
+    me, found = os.getpid(), list[int]()
+    if not os.path.isdir("/proc"):
+        return found
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # "pid (comm) state ppid ..."
+            found.append(int(entry.name))
+    return found
+
+
+def _reap_orphan(child: int) -> None:
+    """Reap one exited process other than BentoML (`child`) that came to this subreaper."""
+    try:
+        ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return
+    if ended is not None and ended.si_pid not in (0, child):
+        os.waitpid(ended.si_pid, 0)
+
+
+def _end_orphans() -> None:
+    """End and reap BentoML's processes that outlived it (SIGTERM, SIGKILL after GRACE_S):
+    as a subreaper, this process inherited them, and their own children after them."""
+    deadline = time.monotonic() + GRACE_S
+    signalled: set[int] = set()
+    while orphans := _children():
+        late = time.monotonic() > deadline
+        for pid in orphans:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    continue  # it has exited; now reaped
+                if late or pid not in signalled:
+                    os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+                    signalled.add(pid)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+        time.sleep(0.1)
 
 
 def _thresholds(flag: str, pairs: list[str]) -> dict[str, float]:

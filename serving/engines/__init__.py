@@ -1,6 +1,6 @@
 """The engines behind the Engine protocol (serving/engines/seam.py): hf (transformers
-weights with the project's own per-row LoRA layers, the CPU default) and vllm, chosen by
-`build_engine`."""
+weights with the project's own per-row LoRA layers, the CPU default) and vllm: `engine_name`
+says which one a config asks for, `build_engine` starts it."""
 
 from __future__ import annotations
 
@@ -9,13 +9,18 @@ from serving.engines.seam import Engine
 from serving.serve_config import ServeConfig
 
 
-def build_engine(config: ServeConfig) -> tuple[str, Engine]:
-    """The configured engine; `auto` takes vllm where CUDA is present, else hf."""
+def engine_name(config: ServeConfig) -> str:
+    """The engine `config` asks for: `auto` takes vllm where CUDA is present, else hf."""
+    if config.engine != "auto":
+        return config.engine
     import torch
 
-    name = config.engine
-    if name == "auto":
-        name = "vllm" if torch.cuda.is_available() else "hf"
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def build_engine(config: ServeConfig) -> tuple[str, Engine]:
+    """The configured engine (see `engine_name`)."""
+    name = engine_name(config)
     options = dict(
         dtype=config.dtype,
         max_batch=config.max_batch,
