@@ -60,9 +60,11 @@ $(VENV)/.loadtest-installed: $(STAMP)
 
 # Long fault runs, bounded (about 10 minutes; not part of make test): SIGKILLs of register,
 # promote and rollback at random points (LORAFLEET_CHAOS_KILLS, default 200) and kill/restart
-# cycles of the server under load (LORAFLEET_CHAOS_RESTARTS, default 10). Figures print at the end.
+# cycles of the server under load (LORAFLEET_CHAOS_RESTARTS, default 10), and 5 canaries on the
+# demo's settings under a CPU hog (all promoted). Figures print at the end.
 chaos: setup
-	$(VENV)/bin/pytest -m chaos -q -s tests/registry/test_crash.py tests/reliability tests/serving/test_fuzz.py
+	$(VENV)/bin/pytest -m chaos -q -s tests/registry/test_crash.py tests/reliability tests/serving/test_fuzz.py \
+		tests/serving/test_canary_service.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

@@ -246,13 +246,16 @@ def loop_phase(http: httpx.Client) -> None:
     shutil.copy(ROOT / "examples/data/sentiment/train.jsonl", new_data / "reviews.jsonl")
     lorafleet(
         "registry", "settings", "topic", f"retrain_data_dir={new_data}", "canary_weight=0.5",
-        "canary_min_requests=10", "canary_window_s=2", "gate_tolerance=0.1", quiet=True,
+        "canary_min_requests=10", "canary_window_s=2", "canary_max_window_s=60",
+        "canary_max_error_rate_increase=0.2", "gate_tolerance=0.1", quiet=True,
     )
     # The candidate also learns the reviews: its loss on topic's own held-out set may rise by
     # up to 10% (gate_tolerance 0.1); with the default 0 this run's candidate was refused.
     print(
         "   (settings: new data from new-data/topic; the gate lets topic's held-out loss rise "
-        "10%;\n    canary at 0.5, judged after 10 requests and 2 s)"
+        "10%;\n    canary at 0.5, judged from 10 requests and 2 s on by one-sided tests at "
+        "alpha 0.05,\n    a short canary's error tolerance 0.2; held for a person if still "
+        "inconclusive after 60 s)"
     )
     send(http, "topic", prompts("topic")[:40])
     show_drift(http, "topic@1")
@@ -296,12 +299,29 @@ def loop_phase(http: httpx.Client) -> None:
     print(f"   {len(seen)} requests: {seen.count('topic@1')} by topic@1, "
           f"{seen.count('topic@2')} by topic@2 (the canary)")
     print(f"   topic aliases now: {aliases}")
+    show_verdict("topic")
     if aliases.get("production") != 2:
         sys.exit("demo failed: the canary was not promoted")
     for prompt in (prompts("topic")[0], prompts("sentiment")[0]):
         served, text = complete(http, "topic", prompt)
         print(f"   {prompt.splitlines()[0][:58]:<58} {served:<12} -> {text!r}")
     lorafleet("registry", "history", "topic")
+
+
+def show_verdict(adapter: str) -> None:
+    """Each criterion of the adapter's last canary verdict (or hold): its test and numbers."""
+    out = subprocess.run(
+        [LORAFLEET, "registry", "history", adapter, "--json"],
+        env=ENV, cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    found = [e for e in json.loads(out.stdout) if e["action"] in ("canary.verdict", "canary.held")]
+    if not found:
+        print("   no verdict yet")
+        return
+    head, _, criteria = found[-1]["reason"].partition(": ")
+    print(f"   the verdict: {head}, from one-sided tests (alpha 0.05 split over those run):")
+    for criterion in criteria.split("; "):
+        print(f"     {criterion}")
 
 
 def dashboard_phase(http: httpx.Client) -> None:

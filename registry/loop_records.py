@@ -174,15 +174,36 @@ class AdapterSettings(BaseModel):
     canary_weight: float = Field(0.1, gt=0.0, le=1.0)
     """Traffic share of a retrained version's canary."""
     canary_min_requests: int = Field(50, ge=1)
-    """Canary requests needed before its verdict."""
+    """Requests the canary serves before its verdict; also the fewest requests (and latency
+    samples) each side needs for the error-rate and latency tests (fewer: inconclusive)."""
     canary_window_s: float = Field(300.0, ge=0.0)
     """Seconds a canary runs at least before its verdict."""
+    canary_max_window_s: float = Field(3600.0, ge=0.0)
+    """Seconds after the alias move an inconclusive canary keeps collecting; then
+    canary_inconclusive applies (never before canary_window_s)."""
+    canary_inconclusive: Literal["hold", "rollback"] = "hold"
+    """What an inconclusive canary gets at canary_max_window_s: hold (keeps its traffic, a
+    `canary.held` event, decided by hand) or rollback."""
+    canary_alpha: float = Field(0.05, gt=0.0, le=0.5)
+    """False-alarm rate: the chance that a canary no worse than production is rolled back
+    (or a worse one promoted) over all its looks; spent alpha/2, alpha/6, ... at looks at
+    canary_min_requests x 1, 2, 4, ... requests, each split over the criteria tested."""
+    canary_min_ratings: int = Field(10, ge=2)
+    """Feedback ratings each side needs before feedback is compared (fewer: skipped)."""
     canary_max_error_rate_increase: float = Field(0.02, ge=0.0, le=1.0)
-    """Largest error rate of the canary above production's that still promotes."""
+    """Tolerated error rate of the canary above production's (it passes once its rate is
+    significantly below production's + this, fails when significantly worse beyond it)."""
     canary_max_latency_ratio: float = Field(1.5, ge=1.0)
-    """Largest canary / production ratio of p95 time per completion token that still promotes."""
+    """Tolerated canary / production ratio of median time per completion token."""
     canary_max_feedback_drop: float = Field(0.2, ge=0.0, le=2.0)
-    """Largest drop of mean feedback score (in [-1, 1]) below production's that still promotes."""
+    """Tolerated drop of mean feedback score (in [-1, 1]) below production's."""
+    shadow_share: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of production's requests also run on the canary off the request path, their
+    outputs compared (0: no shadow comparison)."""
+    shadow_min_agreement: float = Field(0.5, ge=0.0, le=1.0)
+    """Lowest share of shadowed prompts on which canary and production give the same output."""
+    shadow_min_pairs: int = Field(20, ge=1)
+    """Shadowed prompts needed before the shadow comparison counts (fewer: skipped)."""
     alert_cooldown_s: float = Field(3600.0, ge=0.0)
     """Seconds after an alert-triggered job during which further alerts queue nothing."""
     pinned: bool = False

@@ -285,6 +285,11 @@ class Registry:
             self.db, adapter, verdict, actor=actor, reason=reason, version=version
         )
 
+    def hold_canary(self, adapter: str, version: int, *, actor: str, reason: str) -> bool:
+        """Record that `adapter`'s canary at `version` is held for a manual verdict; False
+        if that was recorded already or the canary moved (registry/storage/verdicts.py)."""
+        return verdicts.hold_canary(self.db, adapter, version, actor=actor, reason=reason)
+
     def update_settings(
         self,
         adapter: str,

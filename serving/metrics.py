@@ -115,6 +115,12 @@ ALIAS_INFO = ProcessGauge(
 )
 CANARY_VERDICTS = Counter(
     "lorafleet_canary_verdicts",
-    "Canary verdicts this server reached (promoted | rolled_back)",
+    "Canary verdicts this server reached (promoted | rolled_back | held)",
     ["adapter", "verdict"],
+)
+SHADOW_REQUESTS = Counter(
+    "lorafleet_shadow_requests",
+    "Production requests run again on the canary, off the request path (outcome: compared | "
+    "busy: one was running already | failed)",
+    ["adapter", "outcome"],
 )

@@ -282,11 +282,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def serve() -> Callable[..., AbstractContextManager[Service]]:
-    """serve(home, base, adapters, *options): run `lorafleet serve` on a free port."""
+    """serve(home, base, adapters, *options, env=...): run `lorafleet serve` on a free port
+    (`env`: variables added to the server's environment)."""
     import httpx
 
     @contextmanager
-    def run(home: Path, base: Path, adapters: dict[str, Path], *options: str) -> Iterator[Service]:
+    def run(
+        home: Path,
+        base: Path,
+        adapters: dict[str, Path],
+        *options: str,
+        env: dict[str, str] | None = None,
+    ) -> Iterator[Service]:
         port = free_port()
         proc = subprocess.Popen(
             [
@@ -300,7 +307,7 @@ def serve() -> Callable[..., AbstractContextManager[Service]]:
                 ADMIN_KEY,
                 *options,
             ],
-            env={**os.environ, "LORAFLEET_HOME": str(home)},
+            env={**os.environ, "LORAFLEET_HOME": str(home), **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

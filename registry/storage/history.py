@@ -24,6 +24,7 @@ LOOP_ACTIONS = (
     "job.succeeded",
     "job.failed",
     "canary.verdict",
+    "canary.held",
 )
 # An operator keeping an adapter resident (or letting it go), shown with the alias moves.
 PIN_ACTIONS = ("adapter.pin", "adapter.unpin")

@@ -83,3 +83,34 @@ def decide_canary(
             job,
             txn.revision,
         )
+
+
+def hold_canary(db: Database, adapter: str, version: int, *, actor: str, reason: str) -> bool:
+    """Record that `adapter`'s canary at `version` is held: its verdict stayed inconclusive
+    until its max window, so it keeps its traffic and waits for a manual verdict. One
+    `canary.held` event per alias move: False (nothing written) when one exists already or
+    the canary no longer points at `version`."""
+    check_name(adapter)
+    with db.write("canary hold") as txn:
+        row = txn.execute(
+            "SELECT version, updated_at FROM aliases WHERE adapter = ? AND alias = ?",
+            (adapter, CANARY_ALIAS),
+        ).fetchone()
+        if row is None or row["version"] != version:
+            return False
+        held = txn.execute(
+            "SELECT 1 FROM events WHERE adapter = ? AND version = ? AND action = ? AND at >= ?",
+            (adapter, version, "canary.held", row["updated_at"]),
+        ).fetchone()
+        if held is not None:
+            return False
+        insert_event(
+            txn,
+            actor=actor,
+            reason=f"held: {reason}",
+            action="canary.held",
+            adapter=adapter,
+            version=version,
+            alias=CANARY_ALIAS,
+        )
+        return True

@@ -17,8 +17,10 @@ from registry.arguments import registry_options
 
 CANARY_HELP = """Decide a canary by hand. A server judges each canary by itself once it has
 served canary_min_requests requests and canary_window_s seconds have passed (adapter
-settings): error rate, p95 latency per token, feedback and drift against production;
-promote or rollback here override that, and status shows the server's live comparison."""
+settings): one-sided tests of error rate, latency per token, feedback, drift (and shadow
+outputs) against production, each pass / fail / inconclusive; an inconclusive canary is
+held or rolled back at canary_max_window_s. promote or rollback here decide it by hand
+(also a held one), and status shows the server's live comparison with every test."""
 
 
 def add_canary_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,7 +93,9 @@ def cmd_canary_status(args: argparse.Namespace) -> int:
             f"{c['production_version']} since {c['since']} ({c['elapsed_s']:.0f} s), {state}"
         )
         for criterion in c["criteria"]:
-            mark = {True: "ok  ", False: "FAIL", None: "--  "}[criterion["passed"]]
+            mark = {"pass": "ok  ", "fail": "FAIL", "inconclusive": "??  ", "skipped": "--  "}[
+                criterion["state"]
+            ]
             print(f"  {mark} {criterion['text']}")
     return 0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from registry.errors import LorafleetError
 from registry.names import parse_model_ref
-from serving.engines.seam import Engine, GenerationRequest, TokenEvent
+from serving.engines.seam import Engine, GenerationRequest, SamplingParams, TokenEvent
 from serving.errors import BadRequest
 from serving.runtime.generation import Ask, Generation, Relay
 from serving.runtime.outcomes import Outcomes
@@ -194,6 +194,20 @@ class Admission:
 
         self.engine.submit(request, on_event)
         self.outcomes.admitted(generation)
+
+    def submit_aside(
+        self, target: Target, ids: list[int], params: SamplingParams
+    ) -> tuple[str, asyncio.Queue[TokenEvent]]:
+        """Submit a request no client waits for (a shadow run): no Generation, not counted
+        in any outcome; the caller reads the queue to its end or cancels the id."""
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        relay = self._relay()
+        self.engine.submit(
+            GenerationRequest(request_id, ids, params, target.key),
+            lambda event: relay.push(queue, event),
+        )
+        return request_id, queue
 
     def _relay(self) -> Relay:
         loop = asyncio.get_running_loop()

@@ -38,6 +38,7 @@ class HotSwap:
         self.config, self.registry = config, registry
         self.router, self.residency, self.request_log = router, residency, request_log
         self.pinned_in_registry: frozenset[str] = frozenset()  # adapters with pinned=true
+        self.shadow_shares: dict[str, float] = {}  # adapters with a shadow_share > 0
         REGISTRY_REVISION.set(router.map.revision)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -123,6 +124,7 @@ class HotSwap:
         revision)."""
         settings = self.registry.all_settings()
         self.pinned_in_registry = frozenset(a for a, s in settings.items() if s.pinned)
+        self.shadow_shares = {a: s.shadow_share for a, s in settings.items() if s.shadow_share}
         if self.request_log is not None:
             self.request_log.opted_out = frozenset(
                 a for a, s in settings.items() if not s.request_log

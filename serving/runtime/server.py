@@ -6,6 +6,8 @@ serving/watch/. The HTTP layer (serving/http/) calls only this class.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -17,9 +19,11 @@ from typing import Any
 from registry import Registry
 from registry.basemodel import inspect_base
 from registry.errors import LorafleetError
-from registry.names import DEFAULT_ALIAS, parse_model_ref
+from registry.faults import injected_faults
+from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, parse_model_ref
 from serving.engines import build_engine
-from serving.errors import BadRequest
+from serving.engines.seam import TokenEvent
+from serving.errors import BadRequest, Overloaded
 from serving.metrics import TTFT_SECONDS
 from serving.runtime.admission import Admission, Prompt
 from serving.runtime.detokenizer import Detokenizer
@@ -28,6 +32,7 @@ from serving.runtime.hotswap import HotSwap
 from serving.runtime.outcomes import Outcomes
 from serving.runtime.residency import Residency
 from serving.runtime.routing import AliasMap, Router, Target
+from serving.runtime.shadow import Shadow
 from serving.serve_config import ServeConfig
 from serving.watch.canary import CanaryWatch
 from serving.watch.canary_stats import CanaryStats
@@ -59,6 +64,7 @@ class Server:
                 f"{self.registry.home} is bound to {self.registry.base.fingerprint}; serve "
                 f"{self.registry.base.path} or use the registry of this base (--home)"
             )
+        self.faults = injected_faults()  # tests only: empty unless LORAFLEET_FAULTS is set
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.base))
         self.vocab_size = vocab_size(config.base)
         self._token_texts: dict[int, str] = {}  # at most vocab_size entries
@@ -94,15 +100,19 @@ class Server:
             self.residency,
             self.outcomes,
         )
+        self.shadow = Shadow(
+            self._run_on_canary, lambda: self.hotswap.shadow_shares, self._shadow_pair
+        )
         self.hotswap.start()
         self.drift_history.start()
         self.canary = CanaryWatch(
             self.registry,
             self.canary_stats,
             self._keep_resident,
-            self.drift.scores,
-            self.drift.settings.thresholds,
+            self.drift.since if self.drift.settings.enabled else None,
+            self.drift.settings,
             applied=self.refresh,
+            shadow=self.shadow.since,
             interval_s=config.canary_interval_s,
             enabled=config.canary_verdicts,
         )
@@ -172,9 +182,15 @@ class Server:
             include_stop=ask.include_stop,
         )
         generation.consumed = True
+        fault = self.faults.get(generation.served) if self.faults else None
         try:
             while True:
                 event = await generation.queue.get()
+                if fault is not None and event.token_id is not None:
+                    if fault.error:
+                        self.engine.cancel(generation.id)
+                        event = TokenEvent(None, finish_reason="error", error="injected fault")
+                    await asyncio.sleep(fault.delay_s)
                 if event.prompt_logprobs is not None:
                     generation.prompt_logprobs = event.prompt_logprobs
                 if event.logprob is not None and event.token_id is not None:
@@ -204,7 +220,53 @@ class Server:
             if generation.finish_reason is None:
                 self.engine.cancel(generation.id)
                 generation.finish_reason = "cancelled"
+            prompt_ids = generation.prompt_ids  # finished() lets go of them
             self.outcomes.finished(generation, time.perf_counter() - started)
+            self.shadow.offer(generation, prompt_ids)
+
+    def _shadow_pair(self, adapter: str) -> tuple[int, Target] | None:
+        """(production version, canary target) of `adapter` when it has both."""
+        aliases = self.router.map.aliases
+        production, canary = (
+            aliases.get((adapter, DEFAULT_ALIAS)),
+            aliases.get((adapter, CANARY_ALIAS)),
+        )
+        if production is None or canary is None:
+            return None
+        return production[0], Target(adapter, canary[0])
+
+    async def _run_on_canary(self, target: Target, ids: list[int], production: Generation) -> str:
+        """The canary's greedy output for the prompt of a production request, with its
+        max_tokens and stop strings (a shadow run: serving/runtime/shadow.py)."""
+        if target.key not in self.residency.resident():
+            raise Overloaded(f"canary {target.key} is not resident; a shadow run never loads it")
+        ask = production.ask
+        room = self.config.max_len - len(ids)
+        limit = min(ask.max_tokens or self.config.max_tokens_limit, room - 1)
+        params = dataclasses.replace(
+            ask.params, max_new_tokens=max(limit, 1), logprobs=None, prompt_logprobs=None
+        )
+        request_id, queue = self.admission.submit_aside(target, ids, params)
+        text = Detokenizer(
+            lambda out: str(
+                self.tokenizer.decode(out, skip_special_tokens=ask.skip_special_tokens)
+            ),
+            ask.stops,
+            include_stop=ask.include_stop,
+        )
+        out = ""
+        try:
+            while True:
+                event = await queue.get()
+                if event.token_id is None:
+                    if event.error:
+                        raise Overloaded(f"shadow run on {target.key} failed: {event.error}")
+                    return out + text.flush()
+                out += text.add(event.token_id)
+                if text.stopped:
+                    return out
+        finally:
+            self.engine.cancel(request_id)  # a no-op once it ended
 
     def abandon(self, generation: Generation) -> None:
         """Free an admitted request whose output no one began to read (its client went away

@@ -83,6 +83,7 @@ from serving.watch.drift_signals import (
     DEFAULT_THRESHOLDS,
     EPSILON,
     DriftSettings,
+    DriftWindow,
     Request,
     Signal,
     evaluate,
@@ -224,6 +225,17 @@ class Drift:
         """Current score of every signal of `adapter@version`; None where it is not scored
         (no baseline, fewer samples than the minimum, or the version is not tracked)."""
         return {n: s.score for n, s in self._evaluate((adapter, str(version))).items()}
+
+    def since(self, adapter: str, version: int | str, start: float) -> DriftWindow:
+        """The version's samples at or after `start` (unix s) with its baseline: a canary's
+        drift criteria compare two versions over the same period. Off the event loop."""
+        key = (adapter, str(version))
+        cutoff = self.clock() - (time.time() - start)
+        with self._lock:
+            window = self._windows.get(key)
+            requests = [r for r in window.requests if r[0] >= cutoff] if window else []
+            feedback = [s for at, s in window.feedback if at >= cutoff] if window else []
+        return DriftWindow(requests, feedback, self._profile(key))
 
     def report(self, adapter: str, version: int | str) -> dict[str, Any]:
         """Baseline and live distributions, score, threshold and status of every signal.

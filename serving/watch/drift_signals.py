@@ -136,6 +136,17 @@ class Signal:
 
 
 Request = tuple[float, npt.NDArray[np.int32], int, bool]
+
+
+@dataclass(frozen=True)
+class DriftWindow:
+    """One version's drift samples over a period, with its baseline (None: no profile)."""
+
+    requests: Sequence[Request]
+    feedback: Sequence[float]
+    profile: BaselineProfile | None
+
+
 CUT_LABELS = ["ended by itself", "cut by max_tokens"]
 FEEDBACK_LABELS = ["score >= 0", "score < 0"]
 

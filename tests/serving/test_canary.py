@@ -1,5 +1,6 @@
-"""Canary statistics and criteria on known numbers, the verdict transaction on a real
-registry, and the request log writer's batching, retention and shutdown flush."""
+"""Canary statistics on known numbers, the verdict and hold transactions on a real
+registry, and the request log writer's batching, retention and shutdown flush. The criteria
+are tested in test_canary_criteria.py."""
 
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ import pytest
 
 from registry import Registry, RequestLog
 from registry.errors import AliasConflict, NotFound
-from registry.loop_records import AdapterSettings, LoggedRequest
+from registry.loop_records import LoggedRequest
 from registry.storage.verdicts import decide_canary
-from serving.watch.canary_stats import CanaryStats, VersionStats, compare_stats
+from serving.watch.canary_stats import CanaryStats, VersionStats
 from serving.watch.request_writer import RequestLogWriter
-
-THRESHOLDS = {"prompt_tokens": 0.2, "feedback": 0.25}
 
 
 def test_stats_count_only_what_happened_since_the_alias_move() -> None:
@@ -30,66 +29,12 @@ def test_stats_count_only_what_happened_since_the_alias_move() -> None:
     stats.add_feedback("a", 2, 1.0)
     stats.add_feedback("a", 2, 0.0)
     got = stats.since("a", 2, start)
-    # latencies 2..19: numpy's linear p95 = 2 + 0.95 * 17
-    assert got == VersionStats(20, 2, 18, pytest.approx(18.15), 2, 0.5)
-    assert got.error_rate == 0.1
-    assert stats.since("a", 3, start) == VersionStats(0, 0, 0, None, 0, None)
-
-
-def test_criteria_name_both_numbers_and_the_limit() -> None:
-    canary = VersionStats(40, 2, 38, 0.030, 4, 0.25)
-    production = VersionStats(60, 0, 60, 0.010, 5, 0.6)
-    criteria = compare_stats(
-        canary,
-        production,
-        AdapterSettings(),
-        {"prompt_tokens": 0.31, "feedback": None},
-        {"prompt_tokens": 0.05},
-        THRESHOLDS,
-    )
-    assert [(c.name, c.passed) for c in criteria] == [
-        ("error_rate", False),
-        ("latency", False),
-        ("feedback", False),
-        ("drift.prompt_tokens", False),
-        ("drift.feedback", None),
-    ]
-    assert [c.text for c in criteria] == [
-        "error rate canary 0.050 (2/40) vs production 0.000 (0/60): increase 0.050 > 0.02",
-        "p95 s/token canary 0.0300 vs production 0.0100: ratio 3.00 > 1.5",
-        "mean feedback canary 0.250 vs production 0.600 (4 vs 5 ratings): drop 0.350 > 0.2",
-        "drift prompt_tokens canary 0.310 > threshold 0.2 (threshold 0.2, production 0.050)",
-        "drift feedback canary n/a (production n/a): not compared (too few samples or no baseline)",
-    ]
-
-
-def test_a_canary_no_worse_than_production_passes_every_compared_criterion() -> None:
-    canary = VersionStats(10, 0, 10, 0.012, 0, None)
-    production = VersionStats(90, 1, 90, 0.010, 3, 1.0)
-    criteria = compare_stats(
-        canary, production, AdapterSettings(), {"prompt_tokens": 0.2}, {}, THRESHOLDS
-    )
-    assert [(c.name, c.passed) for c in criteria] == [
-        ("error_rate", True),  # 0.000 - 0.011 <= 0.02
-        ("latency", True),  # 1.2 <= 1.5
-        ("feedback", None),  # no feedback on the canary
-        ("drift.prompt_tokens", True),  # 0.2 is not above 0.2
-        ("drift.feedback", None),
-    ]
-
-
-def test_a_canary_drifting_less_than_production_is_not_worse() -> None:
-    stats = VersionStats(10, 0, 10, 0.01, 0, None)
-    drift = {"prompt_tokens": 0.35, "prompt_length": 0.9}
-    production = {"prompt_tokens": 0.62, "prompt_length": 0.4}
-    thresholds = {"prompt_tokens": 0.2, "prompt_length": 0.25}
-    criteria = compare_stats(stats, stats, AdapterSettings(), drift, production, thresholds)
-    by_name = {c.name: c for c in criteria}
-    assert by_name["drift.prompt_tokens"].passed is True
-    assert by_name["drift.prompt_tokens"].text == (
-        "drift prompt_tokens canary 0.350 <= production 0.62 (threshold 0.2, production 0.620)"
-    )
-    assert by_name["drift.prompt_length"].passed is False  # above both
+    assert got == VersionStats(20, 2, tuple(float(i) for i in range(2, 20)), (1.0, 0.0))
+    assert got.error_rate == 0.1 and got.mean_feedback == 0.5
+    assert got.median_s_per_token == 10.5
+    assert got.p95_s_per_token == pytest.approx(18.15)  # numpy's linear p95 = 2 + 0.95 * 17
+    assert got.to_dict()["latency_samples"] == 18 and got.to_dict()["ratings"] == 2
+    assert stats.since("a", 3, start) == VersionStats(0, 0)
 
 
 def _canary_registry(home: Path, adapter_factory: Callable[..., Path], base: Path) -> Registry:
@@ -121,6 +66,25 @@ def test_verdict_is_refused_when_the_canary_moved_meanwhile(
         decide_canary(registry.db, "a", "rolled_back", actor="s1", reason="r")
     registry.rollback("a")  # the promotion is an ordinary alias move: rollback undoes it
     assert {a.alias: a.version for a in registry.aliases("a")} == {"production": 1}
+
+
+def test_a_hold_is_recorded_once_per_alias_move(
+    home: Path, tiny_base: Path, adapter_factory: Callable[..., Path]
+) -> None:
+    registry = _canary_registry(home, adapter_factory, tiny_base)
+    assert registry.hold_canary("a", 2, actor="s1", reason="inconclusive after 3600 s: ...")
+    assert not registry.hold_canary("a", 2, actor="s2", reason="again")  # another server
+    assert not registry.hold_canary("a", 3, actor="s1", reason="r")  # the canary is at 2
+    held = [e for e in registry.history("a") if e.action == "canary.held"]
+    assert [(e.version, e.actor, e.reason) for e in held] == [
+        (2, "s1", "held: inconclusive after 3600 s: ...")
+    ]
+    assert {a.alias: a.version for a in registry.aliases("a")} == {"production": 1, "canary": 2}
+    time.sleep(0.01)  # the next alias move is later than the hold (ms timestamps)
+    registry.set_alias("a", "canary", 2, weight=0.4)  # moved again: a new window, a new hold
+    assert registry.hold_canary("a", 2, actor="s1", reason="r2")
+    record = decide_canary(registry.db, "a", "promoted", actor="ana", reason="checked")
+    assert record.production_after == 2  # a held canary is decided by hand
 
 
 def _row(i: int, adapter: str = "a") -> LoggedRequest:

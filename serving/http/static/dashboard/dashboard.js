@@ -293,7 +293,8 @@ function renderCanaries(canaries) {
   const items = canaries.map((c) => {
     const verdict = c.waiting
       ? `waiting: ${c.waiting}`
-      : `ready: ${c.verdict === "promoted" ? "would promote" : "would roll back"} (${c.reason})`;
+      : `ready: ${{ promoted: "would promote", rolled_back: "would roll back" }[c.verdict] ||
+        "inconclusive, collecting"} (${c.reason})`;
     return el("li", {}, `${c.adapter}: canary v${c.canary_version} vs production ` +
       `v${c.production_version ?? "–"}, ${c.canary.requests} vs ${c.production.requests} ` +
       `requests since ${clock(c.since)}; ${verdict}`);
