@@ -107,6 +107,12 @@ def reference_examples(
     ]
 
 
+def reference_set(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> list[Example]:
+    """The forgetting check's general text: `data.reference_text` (default: generated
+    text) in windows of min(max_length, 256) tokens."""
+    return reference_examples(tokenizer, data.reference_text, min(data.max_length, 256))
+
+
 def _score(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -143,14 +149,18 @@ def score(
     held_out: Sequence[Example],
     data: DataConfig,
     config: EvaluationConfig,
+    *,
+    forgetting: bool = False,
 ) -> dict[str, float]:
-    """The model's own scores on `held_out` (no base comparison, no forgetting check):
-    eval loss and perplexity, exact match and token F1 where `evaluate` computes them."""
+    """The model's own scores on `held_out` (no base comparison): eval loss and perplexity,
+    exact match and token F1 where `evaluate` computes them; with `forgetting`, also
+    `reference_perplexity` on the general text `evaluate` uses for its forgetting check."""
     generation = config.generate and data.format == "completion"
+    reference = reference_set(tokenizer, data) if forgetting else []
     was_training = model.training
     model.eval()
     try:
-        return _score(model, tokenizer, held_out, [], config, generation)
+        return _score(model, tokenizer, held_out, reference, config, generation)
     finally:
         model.train(was_training)
 
@@ -164,11 +174,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Scores of the adapter and of the base (same model, adapter disabled)."""
     generation = config.generate and data.format == "completion"
-    reference = (
-        reference_examples(tokenizer, data.reference_text, min(data.max_length, 256))
-        if config.forgetting
-        else []
-    )
+    reference = reference_set(tokenizer, data) if config.forgetting else []
     was_training = model.training
     model.eval()
     adapter = _score(model, tokenizer, held_out, reference, config, generation)

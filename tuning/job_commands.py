@@ -14,11 +14,13 @@ from registry.registry import default_actor
 JOBS_HELP = """Retraining jobs of the watch-and-retrain loop. A job retrains one adapter:
 its production version's training data + new files from the adapter's retrain_data_dir +
 feedback corrections, warm-started from production, with production's config plus the
-adapter's retrain_overrides. Candidate and production are scored on the same held-out set;
-only a candidate at least as good (the gate: eval loss <= production's x (1 +
-gate_tolerance), exact match >= production's - gate_tolerance) is registered, with lineage
-(parent version, job, trigger), and becomes the canary at canary_weight. Jobs come from
-`jobs queue` (manual), schedules (`jobs schedule`) and alerts (POST /admin/alerts)."""
+adapter's retrain_overrides. Candidate and production are scored on the same held-out set
+and the same general text; only a candidate at least as good (the gate: eval loss <=
+production's x (1 + gate_tolerance), exact match >= production's - gate_tolerance, and
+perplexity on general text, the forgetting check of `lorafleet tune`, <= production's x (1 +
+gate_forgetting_tolerance)) is registered, with lineage (parent version, job, trigger), and
+becomes the canary at canary_weight. Jobs come from `jobs queue` (manual), schedules (`jobs
+schedule`) and alerts (POST /admin/alerts)."""
 
 RUN_HELP = """Mark jobs whose worker died as failed, queue a job for every due schedule,
 then claim and run queued jobs one by one until none is left (or --max-jobs), printing one
@@ -89,11 +91,15 @@ def _job_line(job: JobRecord) -> str:
     if job.state == "succeeded":
         result = job.result or {}
         c, p = result["gate"]["candidate"], result["gate"]["production"]
-        return (
+        line = (
             f"{head}: {job.adapter}@{job.version} from @{job.parent_version}, canary "
             f"{result['canary_weight']:g}; eval loss {c['eval_loss']:.4f} vs production "
             f"{p['eval_loss']:.4f}"
         )
+        if "reference_perplexity" in c and "reference_perplexity" in p:
+            ref_c, ref_p = c["reference_perplexity"], p["reference_perplexity"]
+            line += f", reference perplexity {ref_c:.2f} vs {ref_p:.2f}"
+        return line
     if job.state == "failed":
         return f"{head}: {job.error}"
     return head
@@ -127,15 +133,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     ]
     if gate := result.get("gate"):
         c, p = gate["candidate"], gate["production"]
-        lines.append(
-            f"  gate        {'passed' if gate['passed'] else 'failed'} "
-            f"(tolerance {gate['tolerance']:g})     candidate  production"
-        )
+        state = "passed" if gate["passed"] else "failed"
+        lines.append(f"  gate        {state:<28}{'candidate':>9}  {'production':>10}")
         lines += [
             f"    {k:<38}{c[k]:>9.4f}  {p[k]:>10.4f}"
-            for k in ("eval_loss", "exact_match")
+            for k in ("eval_loss", "exact_match", "reference_perplexity")
             if k in c and k in p
         ]
+        slack = f"tolerance {gate['tolerance']:g}"
+        if "forgetting_tolerance" in gate:  # jobs from before the forgetting check lack it
+            slack += f", forgetting tolerance {gate['forgetting_tolerance']:g}"
+        lines += [f"    {slack}", *(f"    {note}" for note in gate.get("skipped", []))]
     if "canary_weight" in result:
         lines.append(f"  canary      weight {result['canary_weight']:g}")
     if data := result.get("data"):

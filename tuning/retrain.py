@@ -3,8 +3,9 @@
 production version -> dataset (its training files + new files from the adapter's
 `retrain_data_dir` + feedback corrections) -> fine-tune warm-started from production with
 production's config plus the adapter's `retrain_overrides` -> candidate and production
-scored on the same held-out set -> gate -> register with lineage (parent, job, trigger) ->
-`canary` alias at the adapter's `canary_weight`.
+scored on the same held-out set and the same general text (the forgetting check of
+`lorafleet tune`) -> gate -> register with lineage (parent, job, trigger) -> `canary` alias
+at the adapter's `canary_weight`.
 
 Everything a job writes lives in `$LORAFLEET_HOME/jobs/<id>/` (data/, config.yaml, the run
 with adapter/). A candidate that fails the gate is not registered and moves no alias. A
@@ -55,35 +56,55 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 HEARTBEAT_S = 30.0  # well below registry/storage/jobs.py: STALE_AFTER_S
 GATE_METRICS = ("eval_loss", "exact_match")
+FORGETTING = "reference_perplexity"  # on general text, as `lorafleet tune`'s forgetting check
+FORGETTING_SKIPPED = (
+    "forgetting not checked: the job's config has evaluation.forgetting: false, so neither "
+    "version's reference perplexity was measured; add evaluation.forgetting=true to the "
+    "adapter's retrain_overrides to check it"
+)
 
 
 @dataclass(frozen=True)
 class GateVerdict:
-    """Candidate vs production on the same held-out set."""
+    """Candidate vs production on the same held-out set and the same general text."""
 
     passed: bool
     candidate: dict[str, float]
     production: dict[str, float]
     tolerance: float
+    forgetting_tolerance: float
     failures: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # checks not made, each with why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
-        c, p, t = self.candidate, self.production, self.tolerance
+        c, p = self.candidate, self.production
         text = f"eval loss {c['eval_loss']:.4f} vs production {p['eval_loss']:.4f}"
         if "exact_match" in c and "exact_match" in p:
             text += f", exact match {c['exact_match']:.4f} vs {p['exact_match']:.4f}"
-        return f"{text} (tolerance {t:g})"
+        if FORGETTING in c and FORGETTING in p:
+            text += f", reference perplexity {c[FORGETTING]:.2f} vs {p[FORGETTING]:.2f}"
+        else:
+            text += ", forgetting not checked"
+        return (
+            f"{text} (tolerance {self.tolerance:g}, forgetting tolerance "
+            f"{self.forgetting_tolerance:g})"
+        )
 
 
 def judge(
-    candidate: dict[str, float], production: dict[str, float], tolerance: float
+    candidate: dict[str, float],
+    production: dict[str, float],
+    tolerance: float,
+    forgetting_tolerance: float,
 ) -> GateVerdict:
     """Pass only if the candidate is at least as good: eval loss <= production's x (1 +
-    tolerance) and, where both have it, exact match >= production's - tolerance."""
-    failures = []
+    tolerance); where both have it, exact match >= production's - tolerance; and where both
+    have it (evaluation.forgetting), reference perplexity <= production's x (1 +
+    forgetting_tolerance). Without reference perplexities the check is recorded as skipped."""
+    failures, skipped = [], []
     limit = production["eval_loss"] * (1.0 + tolerance)
     if not candidate["eval_loss"] <= limit:  # also catches NaN
         failures.append(
@@ -97,7 +118,19 @@ def judge(
                 f"exact match {candidate['exact_match']:.4f} of the candidate < {floor:.4f} "
                 f"(production's {production['exact_match']:.4f} - {tolerance:g})"
             )
-    return GateVerdict(not failures, candidate, production, tolerance, failures)
+    if FORGETTING in candidate and FORGETTING in production:
+        ceiling = production[FORGETTING] * (1.0 + forgetting_tolerance)
+        if not candidate[FORGETTING] <= ceiling:
+            failures.append(
+                f"reference perplexity {candidate[FORGETTING]:.2f} of the candidate > "
+                f"{ceiling:.2f} (production's {production[FORGETTING]:.2f} x (1 + "
+                f"{forgetting_tolerance:g}), on the general text of the forgetting check)"
+            )
+    else:
+        skipped.append(FORGETTING_SKIPPED)
+    return GateVerdict(
+        not failures, candidate, production, tolerance, forgetting_tolerance, failures, skipped
+    )
 
 
 @dataclass(frozen=True)
@@ -198,7 +231,14 @@ def _retrain(registry: Registry, job: JobRecord, actor: str) -> Outcome:
     pause_point("retrain.trained")
     metrics = result.metadata.metrics
     candidate_scores = {k: float(metrics[k]) for k in GATE_METRICS if k in metrics}
-    verdict = judge(candidate_scores, production_scores, settings.gate_tolerance)
+    if "forgetting" in metrics:  # evaluate()'s check, on the text score_version used
+        candidate_scores[FORGETTING] = float(metrics["forgetting"]["reference_perplexity"])
+    verdict = judge(
+        candidate_scores,
+        production_scores,
+        settings.gate_tolerance,
+        settings.gate_forgetting_tolerance,
+    )
     outcome: dict[str, Any] = {
         "gate": verdict.to_dict(),
         "data": asdict(data),
@@ -402,12 +442,16 @@ def _messages(
 
 def score_version(config: TuneConfig) -> dict[str, float]:
     """Scores of the adapter `config.method.init_from` (untrained) on the config's held-out
-    set, with the same evaluation settings the run uses for the candidate."""
+    set and, with evaluation.forgetting, its reference perplexity on the forgetting check's
+    general text: the same evaluation settings and text the run uses for the candidate."""
     from tuning.evaluation import score
     from tuning.train import build_model
 
     tokenizer = load_tokenizer(config.base)
     held_out = load_eval_examples(config.data, tokenizer)  # a job's config names its eval
     model = build_model(config, config.base)
-    scores = score(model, tokenizer, held_out, config.data, config.evaluation)
-    return {k: float(scores[k]) for k in GATE_METRICS if k in scores}
+    forgetting = config.evaluation.forgetting
+    scores = score(
+        model, tokenizer, held_out, config.data, config.evaluation, forgetting=forgetting
+    )
+    return {k: float(scores[k]) for k in (*GATE_METRICS, FORGETTING) if k in scores}

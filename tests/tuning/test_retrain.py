@@ -1,11 +1,13 @@
 """Retraining jobs on the tiny base with real training and a real registry: warm start,
-lineage and canary of a job that passes the gate, a candidate refused by the gate, a runner
-SIGKILLed midway, schedules, corrections in the job's data, and clear failures."""
+lineage and canary of a job that passes the gate, a candidate refused by the gate, one
+refused for forgetting general text, a runner SIGKILLed midway, schedules, corrections in
+the job's data, and clear failures."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -21,8 +23,9 @@ from safetensors.torch import load_file
 from registry import Registry, VersionMetadata
 from registry.cli import main
 from tuning.config import load_config
+from tuning.corpus import sentences
 from tuning.errors import ConfigError
-from tuning.retrain import GATE_METRICS, gate_failed, judge, run_job
+from tuning.retrain import FORGETTING_SKIPPED, GATE_METRICS, gate_failed, judge, run_job
 from tuning.train import run
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
@@ -146,13 +149,45 @@ def test_warm_start_begins_at_the_source_adapters_weights(
 
 def test_gate_needs_a_candidate_at_least_as_good() -> None:
     production = {"eval_loss": 2.0, "exact_match": 0.5}
-    assert judge({"eval_loss": 2.0, "exact_match": 0.5}, production, 0.0).passed
-    assert judge({"eval_loss": 2.09, "exact_match": 0.46}, production, 0.05).passed
-    worse = judge({"eval_loss": 2.2, "exact_match": 0.4}, production, 0.05)
+    assert judge({"eval_loss": 2.0, "exact_match": 0.5}, production, 0.0, 0.1).passed
+    assert judge({"eval_loss": 2.09, "exact_match": 0.46}, production, 0.05, 0.1).passed
+    worse = judge({"eval_loss": 2.2, "exact_match": 0.4}, production, 0.05, 0.1)
     assert not worse.passed and len(worse.failures) == 2
     assert worse.failures[0].startswith("eval loss 2.2000 of the candidate > 2.1000")
     assert worse.failures[1].startswith("exact match 0.4000 of the candidate < 0.4500")
-    assert not judge({"eval_loss": float("nan")}, {"eval_loss": 2.0}, 0.0).passed
+    assert not judge({"eval_loss": float("nan")}, {"eval_loss": 2.0}, 0.0, 0.1).passed
+
+
+def test_gate_refuses_a_candidate_that_forgets_general_text() -> None:
+    production = {"eval_loss": 2.0, "exact_match": 0.5, "reference_perplexity": 150.0}
+    same_task = {"eval_loss": 1.9, "exact_match": 0.5}
+    kept = judge({**same_task, "reference_perplexity": 164.9}, production, 0.0, 0.1)
+    assert kept.passed and kept.failures == [] and kept.skipped == []
+    assert kept.describe() == (
+        "eval loss 1.9000 vs production 2.0000, exact match 0.5000 vs 0.5000, reference "
+        "perplexity 164.90 vs 150.00 (tolerance 0, forgetting tolerance 0.1)"
+    )
+    forgot = judge({**same_task, "reference_perplexity": 165.1}, production, 0.0, 0.1)
+    assert not forgot.passed and forgot.failures == [
+        "reference perplexity 165.10 of the candidate > 165.00 (production's 150.00 x (1 + "
+        "0.1), on the general text of the forgetting check)"
+    ]
+    assert judge({**same_task, "reference_perplexity": 165.1}, production, 0.0, 0.2).passed
+    assert not judge(
+        {**same_task, "reference_perplexity": float("nan")}, production, 0.0, 0.1
+    ).passed
+    recorded = forgot.to_dict()
+    assert recorded["candidate"]["reference_perplexity"] == 165.1
+    assert recorded["production"]["reference_perplexity"] == 150.0
+    assert (recorded["tolerance"], recorded["forgetting_tolerance"]) == (0.0, 0.1)
+
+    # evaluation.forgetting: false measures neither version: the verdict says so.
+    unchecked = judge(same_task, {"eval_loss": 2.0, "exact_match": 0.5}, 0.0, 0.1)
+    assert unchecked.passed and unchecked.skipped == [FORGETTING_SKIPPED]
+    assert "evaluation.forgetting: false" in FORGETTING_SKIPPED
+    assert unchecked.describe().endswith(
+        "forgetting not checked (tolerance 0, forgetting tolerance 0.1)"
+    )
 
 
 # ---- jobs ---------------------------------------------------------------------------------
@@ -192,6 +227,10 @@ def test_job_registers_candidate_with_lineage_and_canary(
     assert (job.state, job.parent_version, job.version) == ("succeeded", 1, 2)
     gate = job.result["gate"]  # type: ignore[index]
     assert gate["passed"] is True and gate["tolerance"] == 0.0
+    # Production was tuned with evaluation.forgetting: false, so the job's config has it too.
+    assert (
+        gate["skipped"] == [FORGETTING_SKIPPED] and "reference_perplexity" not in gate["candidate"]
+    )
     # Same held-out set as production's own run: its score there is the one it registered with.
     for metric in GATE_METRICS:
         assert gate["production"][metric] == pytest.approx(production.metadata["metrics"][metric])
@@ -236,6 +275,8 @@ def test_job_registers_candidate_with_lineage_and_canary(
 
     shown = cli("jobs", "show", "1", home=fleet.home).stdout
     assert "gate        passed" in shown and "1 new file(s), 1 correction(s)" in shown
+    assert "    tolerance 0, forgetting tolerance 1.5\n" in shown  # the defaults
+    assert f"    {FORGETTING_SKIPPED}\n" in shown
 
 
 def test_candidate_failing_the_gate_registers_nothing(
@@ -272,6 +313,145 @@ def test_candidate_failing_the_gate_registers_nothing(
     assert line.startswith("job 2 arith failed (manual): gate failed: eval loss ")
     assert line.endswith("nothing registered, no alias moved\n")
     assert aliases(fleet) == {"production": (1, None)}
+
+
+# ---- forgetting -------------------------------------------------------------------------
+
+
+def general_rows(seed: int, count: int, *, salad: bool = False) -> list[dict[str, str]]:
+    """`count` completion rows of the general text the project generates (tuning/corpus.py,
+    other seeds than the forgetting check's text): two sentences with the first word as the
+    prompt. `salad`: one sentence's words in random order, text that unlearns its grammar."""
+    rng = random.Random(seed)
+    lines = sentences(2 * count, seed=seed)
+    out = []
+    for first, second in zip(lines[::2], lines[1::2], strict=True):
+        words = (
+            rng.sample(first.split(), len(first.split())) if salad else f"{first} {second}".split()
+        )
+        out.append({"prompt": words[0], "completion": " " + " ".join(words[1:])})
+    return out
+
+
+@pytest.fixture(scope="module")
+def replay_template(
+    tiny_base: Path, task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A registry whose `arith` production was tuned on the task plus a replay of general
+    text, forgetting check on: the random base's general-text perplexity is near its
+    vocabulary size, production's far below it (measured: 164 vs 3216)."""
+    root = tmp_path_factory.mktemp("replay")
+    replay = write_rows(root / "general.jsonl", general_rows(1, 320))
+    home = root / "home"
+    Registry.create(home, tiny_base, max_rank=16, actor="tests").close()
+    args = tune_args(
+        tiny_base,
+        task,
+        root / "run",
+        f"data.train=[{task['train']},{replay}]",
+        "evaluation.forgetting=true",
+        "method.target_modules=all-linear",
+        "method.r=8",
+        "method.alpha=16",
+        "training.lr=1e-2",
+        "training.warmup_steps=5",
+        "training.max_steps=80",
+        "register.name=arith",
+        "register.alias=production",
+        f"register.home={home}",
+    )
+    run(load_config(None, args))
+    return home
+
+
+@pytest.fixture
+def replay_fleet(replay_template: Path, tmp_path: Path) -> Registry:
+    """A private copy of the replay template registry."""
+    home = tmp_path / "home"
+    shutil.copytree(replay_template, home)
+    registry = Registry(home)
+    yield registry
+    registry.close()
+
+
+def run_one_job(registry: Registry, settings: dict[str, Any]) -> Any:
+    registry.update_settings("arith", settings, actor="tester")
+    registry.jobs.queue("arith", actor="tester")
+    job = registry.jobs.claim(actor="tester")
+    assert job is not None
+    return run_job(registry, job, actor="tester")
+
+
+def test_retrain_keeping_general_text_passes_the_forgetting_check(
+    replay_fleet: Registry, task: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = ["training.max_steps=10", "training.lr=1e-3"]
+    settings = {
+        "retrain_data_dir": str(task["new_dir"]),
+        "retrain_overrides": overrides,
+        "gate_forgetting_tolerance": 0.1,  # for a production that knows general text
+    }
+    finished = run_one_job(replay_fleet, settings)
+
+    assert finished.state == "succeeded" and finished.version == 2
+    gate = finished.result["gate"]
+    assert gate["passed"] is True and gate["skipped"] == [] and gate["failures"] == []
+    assert gate["forgetting_tolerance"] == 0.1
+    production = replay_fleet.get_version("arith", 1).metadata["metrics"]["forgetting"]
+    candidate = replay_fleet.get_version("arith", 2).metadata["metrics"]["forgetting"]
+    ref_p, ref_c = (
+        gate["production"]["reference_perplexity"],
+        gate["candidate"]["reference_perplexity"],
+    )
+    # The same text and window as `lorafleet tune`'s check: the job measures production at
+    # the number it registered with, and the candidate at the number its run recorded.
+    assert ref_p == pytest.approx(production["reference_perplexity"])
+    assert ref_c == pytest.approx(candidate["reference_perplexity"])
+    assert ref_p < production["base_reference_perplexity"] / 10  # production knows the text
+    assert ref_c <= ref_p * 1.1  # measured: 0.96 x production's (158 vs 164)
+    succeeded = [e for e in replay_fleet.history("arith") if e.action == "job.succeeded"]
+    assert succeeded[-1].reason.endswith(
+        f"reference perplexity {ref_c:.2f} vs {ref_p:.2f} (tolerance 0, forgetting tolerance 0.1)"
+    )
+
+    assert main(["jobs", "show", "1", "--home", str(replay_fleet.home)]) == 0
+    shown = capsys.readouterr().out
+    assert f"    {'reference_perplexity':<38}{ref_c:>9.4f}  {ref_p:>10.4f}\n" in shown
+    assert "    tolerance 0, forgetting tolerance 0.1\n" in shown
+
+
+def test_candidate_that_forgets_general_text_is_refused(
+    replay_fleet: Registry, tmp_path: Path
+) -> None:
+    new = tmp_path / "new"
+    new.mkdir()
+    write_rows(new / "salad.jsonl", general_rows(2, 400, salad=True))
+    # Slack on the task's own metrics, so that the forgetting check alone decides: this
+    # candidate stays within it on arithmetic (measured: eval loss 1.13 x production's).
+    settings = {
+        "retrain_data_dir": str(new),
+        "retrain_overrides": ["training.max_steps=20", "training.lr=1e-2"],
+        "gate_tolerance": 0.2,
+        "gate_forgetting_tolerance": 0.1,
+    }
+    finished = run_one_job(replay_fleet, settings)
+
+    assert finished.state == "failed" and gate_failed(finished)
+    gate = finished.result["gate"]
+    ref_p, ref_c = (
+        gate["production"]["reference_perplexity"],
+        gate["candidate"]["reference_perplexity"],
+    )
+    assert ref_c > 1.3 * ref_p  # measured: 1.41 x production's (232 vs 164)
+    forgetting = (
+        f"reference perplexity {ref_c:.2f} of the candidate > {ref_p * 1.1:.2f} (production's "
+        f"{ref_p:.2f} x (1 + 0.1), on the general text of the forgetting check)"
+    )
+    assert gate["failures"] == [forgetting]
+    assert finished.error == f"gate failed: {forgetting}; nothing registered, no alias moved"
+    assert finished.version is None
+    assert [v.version for v in replay_fleet.list_versions("arith")] == [1]
+    assert aliases(replay_fleet) == {"production": (1, None)}
 
 
 def test_runner_killed_midway_changes_no_alias_and_is_failed_next_run(
