@@ -247,14 +247,18 @@ def loop_phase(http: httpx.Client) -> None:
     lorafleet(
         "registry", "settings", "topic", f"retrain_data_dir={new_data}", "canary_weight=0.5",
         "canary_min_requests=10", "canary_window_s=2", "canary_max_window_s=60",
-        "canary_max_error_rate_increase=0.2", "gate_tolerance=0.1", quiet=True,
+        "canary_max_error_rate_increase=0.2", "gate_tolerance=0.1",
+        "gate_forgetting_tolerance=1.5", quiet=True,
     )
     # The candidate also learns the reviews: its loss on topic's own held-out set may rise by
     # up to 10% (gate_tolerance 0.1); with the default 0 this run's candidate was refused.
+    # The tiny base is random, so topic@1 knows no general text to forget: its retrain's
+    # perplexity on general text rose 1.42x when measured, and 1.5 lets it through (docs/tuning.md).
     print(
         "   (settings: new data from new-data/topic; the gate lets topic's held-out loss rise "
-        "10%;\n    canary at 0.5, judged from 10 requests and 2 s on by one-sided tests at "
-        "alpha 0.05,\n    a short canary's error tolerance 0.2; held for a person if still "
+        "10% and\n    its general-text perplexity 150% (a random base knows no general "
+        "text); canary at 0.5,\n    judged from 10 requests and 2 s on by one-sided tests at "
+        "alpha 0.05, a short\n    canary's error tolerance 0.2; held for a person if still "
         "inconclusive after 60 s)"
     )
     send(http, "topic", prompts("topic")[:40])

@@ -171,6 +171,8 @@ class AdapterSettings(BaseModel):
     gate_tolerance: float = Field(0.0, ge=0.0, le=1.0)
     """Gate slack: a candidate passes with eval loss <= production's x (1 + tolerance) and
     exact match >= production's - tolerance, on the same held-out set."""
+    gate_forgetting_tolerance: float = Field(0.1, ge=0.0)
+    """Forgetting slack: general-text perplexity <= production's x (1 + it), on the same text."""
     canary_weight: float = Field(0.1, gt=0.0, le=1.0)
     """Traffic share of a retrained version's canary."""
     canary_min_requests: int = Field(50, ge=1)
