@@ -5,7 +5,6 @@ general text with and without the adapter."""
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from registry.scoring import exact_match, token_f1
 from tuning.config import DataConfig, EvaluationConfig
 from tuning.corpus import paragraphs
 from tuning.data import IGNORE, Example, chunks, pad_batch
@@ -72,26 +72,6 @@ def generate(
         )
         out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return out
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize(prediction) == normalize(reference))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """F1 over whitespace tokens (SQuAD style, case-sensitive)."""
-    pred, ref = normalize(prediction).split(), normalize(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def reference_examples(

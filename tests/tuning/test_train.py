@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from registry import Registry
 from registry.profile import BaselineProfile
+from registry.scoring import exact_match, token_f1
 from tuning.config import TrainingConfig, TuneConfig, load_config
-from tuning.evaluation import exact_match, token_f1
 from tuning.train import lr_factor, param_groups, run
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
