@@ -241,11 +241,10 @@ class Server:
         if target.key not in self.residency.resident():
             raise Overloaded(f"canary {target.key} is not resident; a shadow run never loads it")
         ask = production.ask
-        room = self.config.max_len - len(ids)
-        limit = min(ask.max_tokens or self.config.max_tokens_limit, room - 1)
-        params = dataclasses.replace(
-            ask.params, max_new_tokens=max(limit, 1), logprobs=None, prompt_logprobs=None
-        )
+        limit = ask.max_tokens  # admission checked that it fits; else as admission chose:
+        if limit is None:
+            limit = min(self.config.max_tokens_limit, self.config.max_len - len(ids) - 1)
+        params = dataclasses.replace(ask.params, max_new_tokens=limit, logprobs=None)
         request_id, queue = self.admission.submit_aside(target, ids, params)
         text = Detokenizer(
             lambda out: str(

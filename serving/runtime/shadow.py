@@ -44,13 +44,15 @@ RunOnCanary = Callable[[Target, list[int], Generation], Awaitable[str]]
 
 
 def shadowable(generation: Generation) -> bool:
-    """A production request whose output the same version would give again: it ended by
-    itself or at max_tokens, and it was greedy without a grammar."""
+    """A production request whose output the same version would give again: it generated
+    tokens and ended by itself or at max_tokens, greedily, without a grammar."""
     params = generation.ask.params
     return (
         generation.finish_reason in ("stop", "length")
+        and generation.completion_tokens > 0
         and params.temperature == 0
         and params.structured is None
+        and params.prompt_logprobs is None  # a prompt scored, not a completion
     )
 
 
@@ -63,11 +65,9 @@ class Shadow:
         run: RunOnCanary,
         shares: Callable[[], Mapping[str, float]],
         pair_of: Callable[[str], tuple[int, Target] | None],
-        *,
-        seed: int | None = None,
     ) -> None:
         self._run, self._shares, self._pair_of = run, shares, pair_of
-        self._rng = random.Random(seed)
+        self._rng = random.Random()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._pairs: OrderedDict[tuple[str, int], deque[tuple[float, bool, float]]] = OrderedDict()
@@ -134,8 +134,3 @@ class Shadow:
             sum(1 for p in found if p[1]),
             sum(p[2] for p in found) / len(found),
         )
-
-    async def drain(self) -> None:
-        """Wait for the shadow runs in flight (tests, shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
