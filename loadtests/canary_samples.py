@@ -8,7 +8,8 @@ batches, on a quiet machine and with a CPU hog spinning on one core.
 The server is `lorafleet serve` on the tiny base; two random adapters of the same rank are
 versions 1 (production) and 2 (canary at weight 0.5, never judged: canary_min_requests is
 out of reach). Requests are the demo's: greedy, up to 16 tokens, topic and sentiment
-prompts, one after another from one client (and two clients, `--clients`).
+prompts, one after another from one client (or `--clients` at once). The hog is a
+process spinning on core 0 (its affinity), like tests/serving/test_canary_service.py's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ import httpx
 
 from loadtests.bench.common import LORAFLEET, ROOT, free_port
 
-HOG = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
+HOG = (
+    "import os, time\nos.sched_setaffinity(0, {{0}})\nend = time.monotonic() + {s}\n"
+    "while time.monotonic() < end:\n    pass\n"
+)
 
 
 def lorafleet(*args: str, env: dict[str, str]) -> None:
@@ -114,8 +118,10 @@ def main() -> None:
                     sys.exit("the server did not start")
                 time.sleep(0.5)
             phase(url, 20, args.clients, seed=99)  # warm-up, not recorded
+            load = {"quiet": os.getloadavg()[0]}
             quiet = phase(url, args.requests, args.clients, seed=1)
-            hog = subprocess.Popen([sys.executable, "-c", HOG.format(s=600)])
+            hog = subprocess.Popen([sys.executable, "-c", HOG.format(s=1800)])
+            load["cpu_hog_on_one_core"] = os.getloadavg()[0]
             loaded = phase(url, args.requests, args.clients, seed=2)
         finally:
             if hog is not None:
@@ -129,6 +135,7 @@ def main() -> None:
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "columns": ["seconds per completion token", "finish reason"],
+        "load_average_1m_at_start": load,
         "phases": {"quiet": quiet, "cpu_hog_on_one_core": loaded},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

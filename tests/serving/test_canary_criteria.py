@@ -315,12 +315,14 @@ def test_really_worse_canaries_are_rolled_back(phase: str) -> None:
     samples, rng = pool(phase), random.Random(11)
     slower = [s * 2.0 for s in samples]
     slow = [canary_run(rng, slower, samples, DEMO)[0] for _ in range(RUNS)]
+    # the demo tolerates an error rate 0.2 above production's: half the requests failing is
+    # beyond it
     failing = [
-        canary_run(rng, samples, samples, DEMO, error_rates=(0.2, 0.0))[0] for _ in range(RUNS)
+        canary_run(rng, samples, samples, DEMO, error_rates=(0.5, 0.0))[0] for _ in range(RUNS)
     ]
     print(
         f"\n{phase}: 2x slower canaries rolled back {slow.count('rolled_back')}/{RUNS}, "
-        f"20% errors {failing.count('rolled_back')}/{RUNS}"
+        f"50% errors {failing.count('rolled_back')}/{RUNS}"
     )
     assert slow.count("rolled_back") >= 0.95 * RUNS
     assert failing.count("rolled_back") >= 0.95 * RUNS
