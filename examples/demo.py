@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -322,10 +323,16 @@ def show_verdict(adapter: str) -> None:
     if not found:
         print("   no verdict yet")
         return
-    head, _, criteria = found[-1]["reason"].partition(": ")
+    head, _, rest = found[-1]["reason"].partition(": ")
+    # each criterion's text starts with its name: latency, error_rate, feedback, drift.*, shadow
+    criteria = re.split(r"; (?=(?:latency|error_rate|feedback|drift\.\w+|shadow): )", rest)
+    skipped = [c.split(":")[0] for c in criteria if c.endswith(": skipped")]
     print(f"   the verdict: {head}, from one-sided tests (alpha 0.05 split over those run):")
-    for criterion in criteria.split("; "):
-        print(f"     {criterion}")
+    for criterion in criteria:
+        if not criterion.endswith(": skipped"):
+            print(f"     {criterion}")
+    if skipped:
+        print(f"     skipped (no ratings, too few drift samples): {', '.join(skipped)}")
 
 
 def dashboard_phase(http: httpx.Client) -> None:
