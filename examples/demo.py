@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from pathlib import Path
 
@@ -212,17 +213,19 @@ def prompts(task: str, split: str = "eval") -> list[str]:
     return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
 
 
-def send(http: httpx.Client, model: str, batch: list[str]) -> list[str]:
-    """Versions that served `batch`, sent one after another (greedy, up to 16 tokens)."""
-    served = []
-    for prompt in batch:
+def send(http: httpx.Client, model: str, batch: list[str], clients: int = 1) -> list[str]:
+    """Versions that served `batch` (greedy, up to 16 tokens), from `clients` at once."""
+
+    def one(prompt: str) -> str:
         r = http.post(
             "/v1/completions",
             json={"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0},
         )
         r.raise_for_status()
-        served.append(r.headers["X-Lorafleet-Adapter-Version"])
-    return served
+        return r.headers["X-Lorafleet-Adapter-Version"]
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, batch))
 
 
 def show_drift(http: httpx.Client, ref: str) -> dict[str, float | None]:
@@ -247,7 +250,7 @@ def loop_phase(http: httpx.Client) -> None:
     shutil.copy(ROOT / "examples/data/sentiment/train.jsonl", new_data / "reviews.jsonl")
     lorafleet(
         "registry", "settings", "topic", f"retrain_data_dir={new_data}", "canary_weight=0.5",
-        "canary_min_requests=10", "canary_window_s=2", "canary_max_window_s=60",
+        "canary_min_requests=10", "canary_window_s=2", "canary_max_window_s=300",
         "canary_max_error_rate_increase=0.2", "gate_tolerance=0.1",
         "gate_forgetting_tolerance=1.5", quiet=True,
     )
@@ -260,7 +263,7 @@ def loop_phase(http: httpx.Client) -> None:
         "10% and\n    its general-text perplexity 150% (a random base knows no general "
         "text); canary at 0.5,\n    judged from 10 requests and 2 s on by one-sided tests at "
         "alpha 0.05, a short\n    canary's error tolerance 0.2; held for a person if still "
-        "inconclusive after 60 s)"
+        "inconclusive after 300 s)"
     )
     send(http, "topic", prompts("topic")[:40])
     show_drift(http, "topic@1")
@@ -294,9 +297,9 @@ def loop_phase(http: httpx.Client) -> None:
     mixed = prompts("topic")[40:] + prompts("sentiment")[40:]
     rng = random.Random(0)
     seen: list[str] = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 330  # past canary_max_window_s: held canaries end it
     while time.monotonic() < deadline:
-        seen += send(http, "topic", rng.sample(mixed, 8))
+        seen += send(http, "topic", rng.sample(mixed, 8), clients=4)
         models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
         aliases = models["topic"]["aliases"]
         if "canary" not in aliases:
