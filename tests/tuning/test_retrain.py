@@ -275,7 +275,7 @@ def test_job_registers_candidate_with_lineage_and_canary(
 
     shown = cli("jobs", "show", "1", home=fleet.home).stdout
     assert "gate        passed" in shown and "1 new file(s), 1 correction(s)" in shown
-    assert "    tolerance 0, forgetting tolerance 1.5\n" in shown  # the defaults
+    assert "    tolerance 0, forgetting tolerance 0.1\n" in shown  # the defaults
     assert f"    {FORGETTING_SKIPPED}\n" in shown
 
 
