@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from loadtests.bench.common import LORAFLEET, ROOT, free_port
+from loadtests.bench.common import LORAFLEET, ROOT, serving
 
 HOG = (
     "import os, time\nos.sched_setaffinity(0, {{0}})\nend = time.monotonic() + {s}\n"
@@ -96,39 +95,17 @@ def main() -> None:
         lorafleet("registry", "promote", "topic", "1", env=env)
         lorafleet("registry", "settings", "topic", "canary_min_requests=1000000", env=env)
         lorafleet("registry", "promote", "topic", "2", "--to", "canary", "--weight", "0.5", env=env)
-        port = free_port()
-        server = subprocess.Popen(
-            [LORAFLEET, "serve", "--base", str(root / "base"), "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        hog = None
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    sys.exit("the server did not start")
-                time.sleep(0.5)
-            phase(url, 20, args.clients, seed=99)  # warm-up, not recorded
+        with serving(root / "base", root / "home") as server:
+            phase(server.url, 20, args.clients, seed=99)  # warm-up, not recorded
             load = {"quiet": os.getloadavg()[0]}
-            quiet = phase(url, args.requests, args.clients, seed=1)
+            quiet = phase(server.url, args.requests, args.clients, seed=1)
             hog = subprocess.Popen([sys.executable, "-c", HOG.format(s=1800)])
-            load["cpu_hog_on_one_core"] = os.getloadavg()[0]
-            loaded = phase(url, args.requests, args.clients, seed=2)
-        finally:
-            if hog is not None:
+            try:
+                load["cpu_hog_on_one_core"] = os.getloadavg()[0]
+                loaded = phase(server.url, args.requests, args.clients, seed=2)
+            finally:
                 hog.kill()
                 hog.wait()
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
     record = {
         "how": f"python -m loadtests.canary_samples --requests {args.requests} "
         f"--clients {args.clients}",
