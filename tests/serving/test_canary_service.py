@@ -134,16 +134,19 @@ def events(registry: Registry, adapter: str, action: str) -> list[Any]:
 def set_canary(service: Service, registry: Registry, adapter: str, weight: float) -> None:
     """Set `adapter`'s canary at version 2 and wait until the server routes by it: the server
     applies the registry at its next poll (0.25 s), and a few requests of a tiny model take
-    less than that."""
+    less than that. A request to the base says which revision resolved it, and touches no
+    adapter's statistics."""
     registry.set_alias(adapter, "canary", 2, weight=weight, actor="tests", reason="try")
     wanted = registry.revision()
     deadline = time.monotonic() + 15
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
     while True:
-        metrics = service.http.get("/metrics").text
-        found = re.search(r"^lorafleet_registry_revision (\S+)$", metrics, re.M)
-        if found and float(found.group(1)) >= wanted:
+        r = service.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        seen = int(r.headers["X-Lorafleet-Revision"])
+        if seen >= wanted:
             return
-        assert time.monotonic() < deadline, f"the server never reached revision {wanted}"
+        assert time.monotonic() < deadline, f"the server is at revision {seen}, not {wanted}"
         time.sleep(0.05)
 
 
