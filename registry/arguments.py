@@ -1,14 +1,44 @@
 """What every `lorafleet` subcommand that reads or writes the registry shares: the
-`--home` / `--json` options, the `--actor` / `--reason` options of writes, and printing a
-result as text or JSON."""
+`--home` / `--registry` / `--artifacts` / `--json` options, the `--actor` / `--reason`
+options of writes, and printing a result as text or JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
-from registry.registry import HOME_ENV, default_home
+from registry.registry import ARTIFACTS_URL_ENV, HOME_ENV, REGISTRY_URL_ENV, default_home
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """--registry and --artifacts: where a shared registry keeps its records and files."""
+    parser.add_argument(
+        "--registry",
+        metavar="URL",
+        dest="registry_url",
+        help=f"the records in PostgreSQL (postgresql://USER:PASSWORD@HOST:PORT/DB) instead of "
+        f"the home's SQLite file (default ${REGISTRY_URL_ENV})",
+    )
+    parser.add_argument(
+        "--artifacts",
+        metavar="URL",
+        dest="artifacts_url",
+        help=f"the files in an object store (s3://BUCKET/PREFIX, gs://, az://, file://) "
+        f"instead of the home's artifacts/ (default ${ARTIFACTS_URL_ENV})",
+    )
+
+
+def apply_store_options(args: argparse.Namespace) -> None:
+    """Set the variables from --registry / --artifacts, so this command and every process
+    it starts (servers, workers, jobs) open the same registry."""
+    for attribute, variable in (
+        ("registry_url", REGISTRY_URL_ENV),
+        ("artifacts_url", ARTIFACTS_URL_ENV),
+    ):
+        if value := getattr(args, attribute, None):
+            os.environ[variable] = value
 
 
 def registry_options(
@@ -25,6 +55,7 @@ def registry_options(
         default=None,
         help=f"registry directory (default: ${HOME_ENV} or ~/.lorafleet; now {default_home()})",
     )
+    add_store_options(common)
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     writes = argparse.ArgumentParser(add_help=False)
     writes.add_argument(

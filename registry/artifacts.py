@@ -7,8 +7,8 @@ directory, never a half-written artifact under a digest. A shared lock is held f
 database commit; `fsck --repair` and `gc` take it exclusively, so they never remove an
 artifact that a registration in flight is about to reference.
 
-`LocalArtifactStore` keeps artifacts on a local filesystem; an object store (s3://...)
-would implement the same Protocol for many replicas.
+`LocalArtifactStore` keeps artifacts on a local filesystem; `FsspecArtifactStore`
+(registry/object_store.py) keeps them in an object store that many hosts share.
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ CHUNK_BYTES = 1024 * 1024
 class ArtifactStore(Protocol):
     """Where adapter files live, addressed by the sha256 of their content."""
 
+    location: str  # a directory or a URL, for messages
+
     def digest_of(self, src_dir: Path) -> tuple[str, int]: ...
     def put(self, src_dir: Path, expected_digest: str) -> None: ...
     def path(self, digest: str) -> Path: ...
+    def local_dir(self, digest: str, *, verify: bool = True) -> Path: ...
     def exists(self, digest: str) -> bool: ...
     def verify(self, digest: str) -> None: ...
     def digests(self) -> set[str]: ...
-    def leftovers(self) -> list[str]: ...
+    def leftovers(self) -> list[str]: ...  # paths under the store's root
     def remove(self, digest: str) -> None: ...
     def remove_leftovers(self) -> list[str]: ...
     def lock(self, exclusive: bool) -> AbstractContextManager[None]: ...
@@ -78,6 +81,7 @@ class LocalArtifactStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.location = str(root)
         self.objects = root / "sha256"
         self.tmp = root / "tmp"
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,12 @@ class LocalArtifactStore:
             raise ValueError(f"not a sha256 digest: {digest!r}")
         return self.objects / digest
 
+    def local_dir(self, digest: str, *, verify: bool = True) -> Path:
+        """The artifact's directory, checked against its digest unless verify=False."""
+        if verify:
+            self.verify(digest)
+        return self.path(digest)
+
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_dir()
 
@@ -161,8 +171,8 @@ class LocalArtifactStore:
         return {p.name for p in self.objects.iterdir() if p.is_dir()}
 
     def leftovers(self) -> list[str]:
-        """Temporary directories of registrations that never finished."""
-        return sorted(p.name for p in self.tmp.iterdir())
+        """Temporary directories of registrations that never finished (``tmp/NAME``)."""
+        return sorted(f"tmp/{p.name}" for p in self.tmp.iterdir())
 
     def remove(self, digest: str) -> None:
         shutil.rmtree(self.path(digest))
@@ -170,7 +180,7 @@ class LocalArtifactStore:
     def remove_leftovers(self) -> list[str]:
         names = self.leftovers()
         for name in names:
-            shutil.rmtree(self.tmp / name, ignore_errors=True)
+            shutil.rmtree(self.root / name, ignore_errors=True)
         return names
 
     @contextmanager

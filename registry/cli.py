@@ -16,13 +16,13 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from registry.arguments import emit, registry_options
+from registry.arguments import apply_store_options, emit, registry_options
 from registry.errors import LorafleetError
 from registry.families import serving_engines
 from registry.loop_commands import add_loop_commands
 from registry.names import parse_model_ref
 from registry.records import VersionRecord
-from registry.registry import Registry
+from registry.registry import ARTIFACTS_URL_ENV, REGISTRY_URL_ENV, Registry
 
 COMMAND_GROUP = "lorafleet.commands"
 Handler = Callable[[argparse.Namespace], int]
@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
+    apply_store_options(args)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -209,6 +210,20 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
 
     add("info", cmd_info, "the registry's base model, limits, revision and counts")
+    p = add(
+        "migrate",
+        cmd_migrate,
+        "copy this registry, history included, into an empty PostgreSQL database (and its "
+        "files into an object store), then check the copy row by row",
+        writes,
+    )
+    p.add_argument("--to", required=True, metavar="URL", help="postgresql://USER:PASSWORD@HOST/DB")
+    p.add_argument(
+        "--artifacts-to",
+        metavar="URL",
+        help="where the copy keeps its files: s3://BUCKET/PREFIX, gs://, az://, file:///DIR "
+        "(default: where they are now, unless that is this home's artifacts/)",
+    )
     add_loop_commands(sub, common, writes)
 
 
@@ -230,8 +245,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     return emit(
         args,
         info,
-        f"registry {info['home']} bound to base {info['base_fingerprint']} "
-        f"({info['base_path']}), max rank {info['max_rank']}\nengines: {engines}",
+        f"registry {info['records']} bound to base {info['base_fingerprint']} "
+        f"({info['base_path']}), max rank {info['max_rank']}\nartifacts: {info['artifacts']}"
+        f"\nengines: {engines}",
     )
 
 
@@ -477,6 +493,18 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     text = "\n".join(f"{verb} {r}" for r in removed) or "nothing to remove"
     return emit(args, {"removed": removed, "dry_run": args.dry_run}, text)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    result = _open(args).migrate_to(args.to, args.artifacts_to, actor=args.actor)
+    rows = ", ".join(f"{n} {table}" for table, n in result["rows"].items())
+    text = (
+        f"copied {result['from']} to {result['to']}: {rows}; "
+        f"{result['artifacts_copied']} artifacts in {result['artifacts']}\n"
+        f"verified: every row equal, every artifact whole. Open it with --registry URL "
+        f"--artifacts {result['artifacts']} (or {REGISTRY_URL_ENV} / {ARTIFACTS_URL_ENV})"
+    )
+    return emit(args, result, text)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

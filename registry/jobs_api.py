@@ -10,7 +10,7 @@ from typing import Any
 
 from registry.loop_records import JobRecord, ScheduleRecord
 from registry.storage import jobs
-from registry.storage.sqlite import Database
+from registry.storage.backend import Database
 
 
 class Jobs:

@@ -23,6 +23,7 @@ from registry.errors import (
     AliasConflict,
     AlreadyInitialized,
     BaseMismatch,
+    CorruptArtifact,
     DuplicateContent,
     InvalidName,
     LorafleetError,
@@ -42,15 +43,26 @@ from registry.records import (
     VersionRecord,
     load_metadata,
 )
-from registry.storage import aliases, feedback, fleet, maintenance, settings, verdicts, versions
+from registry.storage import (
+    aliases,
+    feedback,
+    fleet,
+    maintenance,
+    settings,
+    transfer,
+    verdicts,
+    versions,
+)
 from registry.storage.alerts import receive_alert
+from registry.storage.backend import Database, Transaction, is_postgres_url, open_database, redact
 from registry.storage.history import insert_event, list_events
 from registry.storage.maintenance import FsckReport
 from registry.storage.requestlog import RequestLog
-from registry.storage.sqlite import Database, Transaction
 from registry.validation import AdapterReport, validate_adapter
 
 HOME_ENV = "LORAFLEET_HOME"
+REGISTRY_URL_ENV = "LORAFLEET_REGISTRY_URL"
+ARTIFACTS_URL_ENV = "LORAFLEET_ARTIFACTS_URL"
 ACTOR_ENV = "LORAFLEET_ACTOR"
 DB_FILE = "registry.db"
 DEFAULT_MAX_RANK = 64
@@ -59,6 +71,31 @@ DEFAULT_MAX_RANK = 64
 def default_home() -> Path:
     """$LORAFLEET_HOME, else ~/.lorafleet."""
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".lorafleet").expanduser()
+
+
+def registry_location(home: Path, url: str | None = None) -> Path | str:
+    """Where the records live: `url` or $LORAFLEET_REGISTRY_URL (a ``postgresql://`` URL),
+    else the SQLite file in `home`."""
+    url = url or os.environ.get(REGISTRY_URL_ENV) or None
+    if url is None:
+        return home / DB_FILE
+    if not is_postgres_url(url):
+        raise LorafleetError(
+            f"registry URL {url.split('@')[-1]!r} is not a postgresql:// URL; give one "
+            f"(--registry or {REGISTRY_URL_ENV}), or neither for the SQLite registry in the home"
+        )
+    return url
+
+
+def open_artifacts(home: Path, db: Database, url: str | None = None) -> ArtifactStore:
+    """Where the files live: `url` or $LORAFLEET_ARTIFACTS_URL (any fsspec URL, with a
+    local cache in `home`), else `home`/artifacts."""
+    url = url or os.environ.get(ARTIFACTS_URL_ENV) or None
+    if url is None:
+        return LocalArtifactStore(home / "artifacts")
+    from registry.object_store import FsspecArtifactStore
+
+    return FsspecArtifactStore(url, home / "artifact-cache", db.artifacts_lock)
 
 
 def default_actor() -> str:
@@ -70,25 +107,38 @@ class Registry:
     """A registry at `home` (default $LORAFLEET_HOME or ~/.lorafleet), created by `create`."""
 
     def __init__(
-        self, home: Path | str | None = None, *, busy_timeout_s: float | None = None
+        self,
+        home: Path | str | None = None,
+        *,
+        url: str | None = None,
+        artifacts_url: str | None = None,
+        busy_timeout_s: float | None = None,
     ) -> None:
-        """`busy_timeout_s`: how long a statement waits for another process's lock before
-        RegistryBusy (default $LORAFLEET_BUSY_TIMEOUT_S, else 30)."""
+        """`url`: the records' PostgreSQL URL (default $LORAFLEET_REGISTRY_URL, else the
+        SQLite file in `home`); `artifacts_url`: where the files live (default
+        $LORAFLEET_ARTIFACTS_URL, else `home`/artifacts); `busy_timeout_s`: how long a
+        statement waits for another process's lock before RegistryBusy (default
+        $LORAFLEET_BUSY_TIMEOUT_S, else 30)."""
         self.home = Path(home).expanduser() if home else default_home()
-        db_path = self.home / DB_FILE
+        location = registry_location(self.home, url)
+        where = self.home if isinstance(location, Path) else redact(location)
         missing = NotInitialized(
-            f"no registry at {self.home}; create one with `lorafleet registry init --base DIR` "
-            f"or point {HOME_ENV} (--home) at an existing one"
+            f"no registry at {where}; create one with `lorafleet registry init --base DIR` "
+            f"or point {HOME_ENV} (--home) or {REGISTRY_URL_ENV} (--registry) at an existing one"
         )
-        if not db_path.is_file():
+        if isinstance(location, Path) and not location.is_file():
             raise missing
-        self.db = Database(db_path, busy_timeout_s)
+        self.db = open_database(location, busy_timeout_s)
         base = versions.read_base(self.db)
         if base is None:
             self.db.close()
             raise missing
         self.base = base
-        self.artifacts: ArtifactStore = LocalArtifactStore(self.home / "artifacts")
+        try:
+            self.artifacts = open_artifacts(self.home, self.db, artifacts_url)
+        except BaseException:
+            self.db.close()
+            raise
         self._request_log: RequestLog | None = None
         self.jobs = Jobs(self.db)
         """Retraining jobs and schedules (registry/jobs_api.py)."""
@@ -101,6 +151,8 @@ class Registry:
         *,
         max_rank: int | None = None,
         actor: str | None = None,
+        url: str | None = None,
+        artifacts_url: str | None = None,
         busy_timeout_s: float | None = None,
     ) -> Registry:
         """Create a registry bound to `base_dir`'s fingerprint; idempotent for the same base.
@@ -113,7 +165,8 @@ class Registry:
         info = inspect_base(base_dir)
         home_path.mkdir(parents=True, exist_ok=True)
         actor = actor or default_actor()
-        db = Database(home_path / DB_FILE, busy_timeout_s)
+        location = registry_location(home_path, url)
+        db = open_database(location, busy_timeout_s)
         try:
             with db.write("init") as txn:
                 bound_base, bound_rank = versions.bound_base_in(txn) or (None, None)
@@ -122,9 +175,9 @@ class Registry:
                     insert_event(txn, actor=actor, reason=info.path, action="init")
                 elif bound_base != info.fingerprint:
                     raise AlreadyInitialized(
-                        f"registry at {home_path} is bound to base {bound_base}, "
+                        f"registry at {db.location} is bound to base {bound_base}, "
                         f"not {info.fingerprint} ({info.path}); use another --home "
-                        f"({HOME_ENV}) for that base"
+                        f"({HOME_ENV}) or --registry ({REGISTRY_URL_ENV}) for that base"
                     )
                 elif max_rank is not None and bound_rank != max_rank:
                     versions.set_max_rank(txn, max_rank)
@@ -136,7 +189,9 @@ class Registry:
                     )
         finally:
             db.close()
-        return cls(home_path, busy_timeout_s=busy_timeout_s)
+        return cls(
+            home_path, url=url, artifacts_url=artifacts_url, busy_timeout_s=busy_timeout_s
+        )
 
     def close(self) -> None:
         if self._request_log is not None:
@@ -153,10 +208,67 @@ class Registry:
         """The change feed: increases with every write; cheap enough to poll."""
         return versions.revision(self.db)
 
+    def migrate_to(
+        self, url: str, artifacts_url: str | None = None, *, actor: str | None = None
+    ) -> dict[str, Any]:
+        """Copy this registry, history included, into the empty PostgreSQL database at
+        `url` with its files in `artifacts_url` (default: where they are now, unless that is
+        this home's local directory), then check the copy: every row equal, every artifact
+        whole. Files first, then all rows in one transaction, so an interrupted migration
+        leaves the target without a registry and can be run again."""
+        target_location = registry_location(self.home, url)
+        if artifacts_url is None and isinstance(self.artifacts, LocalArtifactStore):
+            raise LorafleetError(
+                f"the artifacts in {self.artifacts.location} are local to this host: give "
+                "--artifacts-to URL (s3://BUCKET/PREFIX, or file:///DIR on a filesystem "
+                "every host mounts)"
+            )
+        target = open_database(target_location)
+        try:
+            store = open_artifacts(self.home, target, artifacts_url or self.artifacts.location)
+            digests = versions.stored_digests(self.db)
+            with store.lock(False):
+                for digest in digests:
+                    store.put(self.artifacts.local_dir(digest, verify=True), digest)
+                counts = transfer.copy_records(self.db, target)
+            problems = transfer.differences(self.db, target)
+            for digest in digests:
+                try:
+                    store.verify(digest)
+                except CorruptArtifact as err:
+                    problems.append(str(err))
+            if problems:
+                raise LorafleetError(
+                    f"the copy in {target.location} differs from {self.db.location}: "
+                    + "; ".join(problems[:5])
+                )
+            with target.write("migrate") as txn:
+                insert_event(
+                    txn, actor=actor or default_actor(), reason=f"from {self.db.location}",
+                    action="migrate",
+                )
+        finally:
+            target.close()
+        return {
+            "from": self.db.location,
+            "to": target.location,
+            "artifacts": store.location,
+            "rows": counts,
+            "artifacts_copied": len(digests),
+        }
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a change by another process: True as soon as
+        PostgreSQL notifies one (LISTEN/NOTIFY); the SQLite registry only waits (False), and
+        its readers poll `revision()`."""
+        return self.db.wait_for_change(timeout_s)
+
     def info(self) -> dict[str, Any]:
         state = versions.registry_state(self.db)
         return {
             "home": str(self.home),
+            "records": self.db.location,
+            "artifacts": self.artifacts.location,
             "revision": state["revision"],
             "created_at": state["created_at"],
             "max_rank": state["max_rank"],
@@ -349,9 +461,7 @@ class Registry:
         """Directory of a version's files, checked against its sha256 unless verify=False."""
         if record.purged:
             raise NotFound(f"{record.ref} is archived and its files were removed by gc")
-        if verify:
-            self.artifacts.verify(record.digest)
-        return self.artifacts.path(record.digest)
+        return self.artifacts.local_dir(record.digest, verify=verify)
 
     # ---- register ------------------------------------------------------------------------
 

@@ -565,3 +565,51 @@ def monitoring_stack(
         return monitoring.monitoring_stack(workdir, **options)  # type: ignore[no-any-return]
 
     return start
+
+
+# ---- the shared registry's servers: PostgreSQL and S3 (tests/stores.py) ---------------------
+
+
+def _load_stores() -> Any:
+    """tests/ is no package: load the harness module from its file."""
+    import importlib.util
+
+    name = "lorafleet_tests_stores"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("stores.py"))
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """Debian's PostgreSQL on a free loopback port for the whole run (tests/stores.py's
+    Postgres: `new_database()` -> URL)."""
+    with _load_stores().postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[Any]:
+    """moto's S3 server on a free loopback port for the whole run (tests/stores.py's S3:
+    `env()`, `new_bucket()` -> s3:// URL)."""
+    with _load_stores().s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def shared_store(postgres: Any, s3: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A new PostgreSQL database and S3 bucket, set as this test's registry
+    (LORAFLEET_REGISTRY_URL, LORAFLEET_ARTIFACTS_URL and the S3 client's variables, which
+    the processes a test starts inherit); the variables set."""
+    env = {
+        "LORAFLEET_REGISTRY_URL": postgres.new_database(),
+        "LORAFLEET_ARTIFACTS_URL": s3.new_bucket(),
+        **s3.env(),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

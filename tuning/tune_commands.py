@@ -126,6 +126,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--register", metavar="NAME", help="register the adapter as NAME")
     parser.add_argument("--alias", help="with --register: also point this alias at it")
     parser.add_argument("--home", type=Path, help="registry directory (default $LORAFLEET_HOME)")
+    from registry.arguments import add_store_options
+
+    add_store_options(parser)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

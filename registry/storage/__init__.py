@@ -7,36 +7,33 @@ registry/ outside it holds SQL or imports sqlite3 (tests/test_layout.py checks b
 records these functions return (registry/records.py, registry/loop_records.py) carry no
 storage.
 
-The seam is `Database` and `Transaction` (sqlite.py, SQLite in WAL mode). A second backend
-(PostgreSQL, for many replicas sharing one registry, is planned) implements them as they
-are used here:
+The seam is `Database` and `Transaction` (backend.py), implemented by SQLite in WAL mode
+(sqlite.py, the embedded default) and PostgreSQL (postgres.py, a registry many hosts
+share); `open_database(location)` picks one from a path or a ``postgresql://`` URL:
 
-- `Database(path, busy_timeout_s=None)`: opens the store and brings its schema up to date
-  (idempotent, safe when several processes open it at once);
 - `Database.query(sql, params=()) -> list[row]`: one read;
-- `Database.snapshot()`: a context manager giving a connection whose `execute(sql, params)`
+- `Database.snapshot()`: a context manager giving a reader whose `execute(sql, params)`
   runs several reads that see one consistent state;
-- `Database.write(what) -> Transaction`: a context manager; the transaction takes the write
-  lock at its start (`BEGIN IMMEDIATE`), so read-modify-write sequences of several
-  processes serialize; committed on success, rolled back on any error; a lock held by
-  another process for longer than `busy_timeout_s` raises `RegistryBusy` naming `what`,
-  with nothing written;
-- `Database.busy_timeout_s` (seconds; the request log waits as long) and
-  `Database.close()`;
+- `Database.write(what) -> Transaction`: a context manager; the transaction takes the
+  registry's write lock at its start, so read-modify-write sequences of several processes
+  serialize; committed on success, rolled back on any error; a lock held by another
+  process for longer than `busy_timeout_s` raises `RegistryBusy` naming `what`, with
+  nothing written;
+- `Database.artifacts_lock(exclusive)`: registrations (shared) against fsck/gc (exclusive);
+- `Database.wait_for_change(timeout_s)`: returns early when PostgreSQL notifies a change;
 - `Database.integrity_problems() -> list[str]`: the store's own consistency check, empty
-  when sound (`fsck`);
+  when sound (`fsck`); `busy_timeout_s`, `location`, `dialect` and `close()`;
 - `Transaction.execute(sql, params=())`: a cursor with `fetchone()`, `fetchall()`,
-  iteration, `rowcount` and `lastrowid`;
+  iteration and `rowcount` (inserts that need their id say `RETURNING id`);
 - `Transaction.revision`: bumps the registry's revision counter once per transaction, on
-  first use, and returns it (the change feed servers poll).
+  first use, and returns it (the change feed servers poll, or are notified of).
 
-Rows are read by column name and by position (`row["version"]`, `row[0]`, `dict(row)`), as
-`sqlite3.Row` is. The SQL passed through the seam is SQLite's dialect (`?` placeholders,
-`INSERT ... ON CONFLICT ... DO UPDATE`, `RETURNING`, `LIMIT ... OFFSET`, a boolean summed as
-an integer), so a second backend accepts or translates it. The functions that take either
-a database or an open transaction tell the two apart with `isinstance(db, Database)`.
+Rows are read by column name and by position (`row["version"]`, `row[0]`, `dict(row)`).
+The SQL passed through the seam is written in the dialect both backends accept (`?`
+placeholders, `INSERT ... ON CONFLICT ... DO UPDATE`, `RETURNING`, `LIMIT ... OFFSET`);
+postgres.py rewrites the placeholders. The functions that take either a database or an
+open transaction tell the two apart with `isinstance(db, Database)`.
 
-`RequestLog` (requestlog.py) is a store of its own, a SQLite file beside the registry's,
-with `append`, `prune`, `delete`, `read`, `counts` and `close`; a second backend implements
-it too, or keeps the log local to each server.
+`RequestLog` (requestlog.py) is a store of its own, a SQLite file in each home, with
+`append`, `prune`, `delete`, `read`, `counts` and `close`.
 """

@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from registry.loop_records import AlertOutcome, AlertOutcomeKind
+from registry.storage.backend import Database, Transaction
 from registry.storage.history import insert_event, utc_now
 from registry.storage.jobs import get_in, queue_in
 from registry.storage.settings import get_settings
-from registry.storage.sqlite import Database, Transaction
 
 
 def receive_alert(

@@ -13,8 +13,8 @@ from registry.errors import AliasConflict, NotFound
 from registry.faults import pause_point
 from registry.names import CANARY_ALIAS, check_name
 from registry.records import AliasMove
+from registry.storage.backend import Database, Transaction
 from registry.storage.history import alias_head, insert_event, utc_now
-from registry.storage.sqlite import Database, Transaction
 
 DEFAULT_CANARY_WEIGHT = 0.1
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from registry.errors import NotFound
+from registry.storage.backend import Database
 from registry.storage.history import utc_now
-from registry.storage.sqlite import Database
 
 
 def add_feedback(
@@ -26,11 +26,10 @@ def add_feedback(
     with db.write("feedback") as txn:
         cur = txn.execute(
             "INSERT INTO feedback (at, response_id, adapter, version, score, correction, prompt,"
-            " output) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " output) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (utc_now(), response_id, adapter, version, score, correction, prompt, output),
         )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        return int(cur.fetchone()[0])
 
 
 def list_feedback(db: Database, adapter: str | None = None) -> list[dict[str, Any]]:
@@ -53,7 +52,7 @@ def review_feedback(db: Database, ids: list[int], review: str) -> int:
                 "`lorafleet registry feedback list NAME` shows the ids"
             )
         cur = txn.execute(f"UPDATE feedback SET review = ? WHERE id IN ({marks})", (review, *ids))
-        return cur.rowcount
+        return int(cur.rowcount)
 
 
 def corrections(db: Database, adapter: str, policy: str) -> list[dict[str, Any]]:

@@ -8,14 +8,13 @@ would cost a thousand-adapter registry a second per refresh).
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import fields
 from typing import Any
 
 from registry.records import Event
+from registry.storage.backend import Database, Row
 from registry.storage.history import SHOWN_ACTIONS
 from registry.storage.jobs import job_from_row
-from registry.storage.sqlite import Database
 
 MOVES = ("alias.set", "alias.rollback")
 # What a version row carries to the page: lineage and the evaluation that registered it.
@@ -65,7 +64,8 @@ def fleet_snapshot(db: Database, *, events: int = 50, jobs: int = 50) -> dict[st
             for _ in MOVES
         )
         for row in conn.execute(
-            f"SELECT * FROM events WHERE id IN (SELECT MAX(id) FROM ({latest}) GROUP BY adapter)",
+            "SELECT * FROM events WHERE id IN"
+            f" (SELECT MAX(id) FROM ({latest}) AS moves GROUP BY adapter)",
             MOVES,
         ):
             if row["adapter"] in adapters:
@@ -86,10 +86,14 @@ def fleet_snapshot(db: Database, *, events: int = 50, jobs: int = 50) -> dict[st
                 "actor": r["actor"],
                 "reason": r["reason"],
             }
-            for r in conn.execute(
-                f"SELECT * FROM events WHERE action = 'canary.verdict' AND adapter IN"
-                f" ({', '.join('?' * len(judged))}) ORDER BY id",
-                judged,
+            for r in (
+                conn.execute(
+                    "SELECT * FROM events WHERE action = 'canary.verdict' AND adapter IN"
+                    f" ({', '.join('?' * len(judged))}) ORDER BY id",
+                    judged,
+                )
+                if judged  # `IN ()` is SQLite's alone
+                else ()
             )
         }
     listed = []
@@ -105,7 +109,7 @@ def fleet_snapshot(db: Database, *, events: int = 50, jobs: int = 50) -> dict[st
     }
 
 
-def _event(row: sqlite3.Row) -> dict[str, Any]:
+def _event(row: Row) -> dict[str, Any]:
     """`Event.to_dict()` of a row, without the dataclass's deep copy (a thousand adapters'
     last moves on every poll)."""
     return {name: row[name] for name in EVENT_FIELDS}

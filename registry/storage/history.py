@@ -7,12 +7,11 @@ repeated rollbacks walk back through earlier holders instead of toggling between
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
 from registry.records import Event
-from registry.storage.sqlite import Database, Transaction
+from registry.storage.backend import Database, Row, Transaction
 
 ALIAS_ACTIONS = ("alias.set", "alias.rollback", "alias.remove")
 # The drift-to-retrain loop's steps; with the alias moves they make an adapter's audit chain
@@ -53,7 +52,7 @@ def insert_event(
     """Append an event at the transaction's revision; return its id."""
     cur = txn.execute(
         "INSERT INTO events (revision, at, actor, reason, action, adapter, version, alias,"
-        " previous, weight, below, job) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " previous, weight, below, job) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             txn.revision,
             utc_now(),
@@ -69,11 +68,10 @@ def insert_event(
             job,
         ),
     )
-    assert cur.lastrowid is not None
-    return cur.lastrowid
+    return int(cur.fetchone()[0])
 
 
-def event_from_row(row: sqlite3.Row) -> Event:
+def event_from_row(row: Row) -> Event:
     return Event(
         id=row["id"],
         revision=row["revision"],
@@ -90,9 +88,9 @@ def event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-def alias_head(txn: Transaction, adapter: str, alias: str) -> sqlite3.Row | None:
+def alias_head(txn: Transaction, adapter: str, alias: str) -> Row | None:
     """The latest event of one alias (its current state), or None if it never existed."""
-    row: sqlite3.Row | None = txn.execute(
+    row: Row | None = txn.execute(
         f"SELECT * FROM events WHERE adapter = ? AND alias = ? AND action IN "
         f"({', '.join('?' * len(ALIAS_ACTIONS))}) ORDER BY id DESC LIMIT 1",
         (adapter, alias, *ALIAS_ACTIONS),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,14 +22,14 @@ from registry.errors import InvalidSchedule, JobStateError, NotFound
 from registry.loop_records import JobRecord, ScheduleRecord, worker_id
 from registry.names import CANARY_ALIAS
 from registry.storage.aliases import set_in
+from registry.storage.backend import Database, Row, Transaction
 from registry.storage.history import insert_event, utc_now
-from registry.storage.sqlite import Database, Transaction
 
 # A running job on another host is presumed dead after this long without a heartbeat.
 STALE_AFTER_S = 600.0
 
 
-def job_from_row(row: sqlite3.Row) -> JobRecord:
+def job_from_row(row: Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
         adapter=row["adapter"],
@@ -89,19 +88,19 @@ def queue_in(
         return job_from_row(row), False
     cur = txn.execute(
         "INSERT INTO jobs (adapter, state, trigger, created_at, actor, reason, details)"
-        " VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+        " VALUES (?, 'queued', ?, ?, ?, ?, ?) RETURNING id",
         (adapter, trigger, utc_now(), actor, reason, json.dumps(details or {})),
     )
-    assert cur.lastrowid is not None
+    job_id = int(cur.fetchone()[0])
     insert_event(
         txn,
         actor=actor,
         reason=f"trigger {trigger}" + (f": {reason}" if reason else ""),
         action="job.queued",
         adapter=adapter,
-        job=cur.lastrowid,
+        job=job_id,
     )
-    return get_in(txn, cur.lastrowid), True
+    return get_in(txn, job_id), True
 
 
 def queue_job(

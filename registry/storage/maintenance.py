@@ -11,8 +11,8 @@ from typing import Any
 
 from registry.artifacts import ArtifactStore
 from registry.errors import CorruptArtifact
+from registry.storage.backend import Database
 from registry.storage.history import insert_event
-from registry.storage.sqlite import Database
 
 
 @dataclass
@@ -58,7 +58,7 @@ def fsck(
         orphans = sorted(artifacts.digests() - {r["digest"] for r in rows if not r["purged"]})
         leftovers = artifacts.leftovers()
         report.problems += [f"orphan artifact {d[:12]} (no version uses it)" for d in orphans]
-        report.problems += [f"unfinished registration left tmp/{t}" for t in leftovers]
+        report.problems += [f"unfinished registration left {t}" for t in leftovers]
         dangling = db.query(
             "SELECT a.adapter, a.alias, a.version FROM aliases a LEFT JOIN versions v ON"
             " v.adapter = a.adapter AND v.version = a.version"
@@ -111,7 +111,7 @@ def gc(
             removed.append(f"artifact {digest[:12]} ({', '.join(users) or 'orphan'})")
             if not dry_run:
                 artifacts.remove(digest)
-        removed += [f"tmp/{name}" for name in artifacts.leftovers()]
+        removed += artifacts.leftovers()
         if dry_run:
             return removed
         artifacts.remove_leftovers()

@@ -13,8 +13,8 @@ import json
 from typing import Any
 
 from registry.loop_records import AdapterSettings, validate_settings
+from registry.storage.backend import Database, Transaction
 from registry.storage.history import insert_event, utc_now
-from registry.storage.sqlite import Database, Transaction
 
 
 def get_settings(db: Database | Transaction, adapter: str) -> AdapterSettings:

@@ -3,23 +3,33 @@
 WAL mode lets readers run beside one writer; every write is a ``BEGIN IMMEDIATE``
 transaction, so read-modify-write sequences (next version number, alias moves) of several
 processes serialize instead of losing updates. Each write transaction that changes anything
-bumps the revision, the change feed that servers poll. `Database` and `Transaction` are the
-storage seam that a second backend implements (registry/storage/__init__.py).
+bumps the revision, the change feed that servers poll. `SqliteDatabase` implements the
+storage seam (registry/storage/backend.py); postgres.py is the other backend.
 """
 
 from __future__ import annotations
 
-import os
+import fcntl
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from registry.errors import LorafleetError, RegistryBusy
+from registry.errors import RegistryBusy
+from registry.storage.backend import (
+    BUSY_TIMEOUT_ENV,
+    DEFAULT_BUSY_TIMEOUT_S,
+    SCHEMA_VERSION,
+    Database,
+    Transaction,
+    default_busy_timeout_s,
+)
 
-SCHEMA_VERSION = 2
+__all__ = ["DEFAULT_BUSY_TIMEOUT_S", "SQLITE_BUSY_CODES", "SqliteDatabase"]
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registry (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -146,36 +156,17 @@ MIGRATIONS = (
 )
 
 SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
-BUSY_TIMEOUT_ENV = "LORAFLEET_BUSY_TIMEOUT_S"
-DEFAULT_BUSY_TIMEOUT_S = 30.0
 
 
-def default_busy_timeout_s() -> float:
-    """$LORAFLEET_BUSY_TIMEOUT_S, else 30: how long a write waits for another process's lock."""
-    raw = os.environ.get(BUSY_TIMEOUT_ENV)
-    if not raw:
-        return DEFAULT_BUSY_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        raise LorafleetError(
-            f"{BUSY_TIMEOUT_ENV}={raw!r} is not a number of seconds in [0, 3600]; "
-            f"unset it for the default {DEFAULT_BUSY_TIMEOUT_S:g}"
-        )
-    return value
-
-
-class Transaction:
+class SqliteTransaction(Transaction):
     """An open write transaction; `revision` bumps the counter once, on first use."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._revision: int | None = None
 
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, tuple(params))
 
     @property
     def revision(self) -> int:
@@ -188,13 +179,15 @@ class Transaction:
         return self._revision
 
 
-class Database:
+class SqliteDatabase(Database):
     """One SQLite connection, shared by the threads of a process under a lock."""
 
     def __init__(self, path: Path, busy_timeout_s: float | None = None) -> None:
         """`busy_timeout_s`: how long a statement waits for another process's lock before
         RegistryBusy (default $LORAFLEET_BUSY_TIMEOUT_S, else 30)."""
         self.path = path
+        self.location = str(path)
+        self.dialect = "sqlite"
         self.busy_timeout_s = default_busy_timeout_s() if busy_timeout_s is None else busy_timeout_s
         self._lock = threading.RLock()
         self._reader: sqlite3.Connection | None = None  # reads while another thread writes
@@ -266,10 +259,10 @@ class Database:
                 self._reader = self._connect()
             yield self._reader
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Run a read-only statement and return all rows."""
         with self._reading() as conn, self._busy_errors("a read"):
-            return conn.execute(sql, params).fetchall()
+            return conn.execute(sql, tuple(params)).fetchall()
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
@@ -283,19 +276,35 @@ class Database:
                 conn.execute("COMMIT")
 
     @contextmanager
-    def write(self, what: str = "a write") -> Iterator[Transaction]:
+    def write(self, what: str = "a write") -> Iterator[SqliteTransaction]:
         """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
         with self._lock:
             with self._busy_errors(what):
                 self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield Transaction(self._conn)
+                yield SqliteTransaction(self._conn)
                 with self._busy_errors(what):
                     self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def artifacts_lock(self, exclusive: bool) -> Iterator[None]:
+        """A file lock beside the database: every process that opens this file runs on
+        this host."""
+        with (self.path.parent / "artifacts.lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """SQLite has no notices: readers poll the revision."""
+        time.sleep(timeout_s)
+        return False
 
     def integrity_problems(self) -> list[str]:
         """SQLite's own integrity check; an empty list when the file is sound."""

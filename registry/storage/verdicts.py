@@ -19,8 +19,8 @@ from registry.faults import pause_point
 from registry.loop_records import Verdict, VerdictRecord
 from registry.names import CANARY_ALIAS, DEFAULT_ALIAS, check_name
 from registry.storage.aliases import current_in, remove_in, set_in
+from registry.storage.backend import Database
 from registry.storage.history import insert_event
-from registry.storage.sqlite import Database
 
 
 def decide_canary(

@@ -9,17 +9,16 @@ statements, through the database or inside a transaction `Registry` opened.
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 from registry.basemodel import BaseModelInfo
 from registry.records import AliasRecord, VersionMetadata, VersionRecord
+from registry.storage.backend import SCHEMA_VERSION, Database, Row, Transaction
 from registry.storage.history import utc_now
-from registry.storage.sqlite import SCHEMA_VERSION, Database, Transaction
 from registry.validation import AdapterReport
 
 
-def version_from_row(row: sqlite3.Row, aliases: list[str]) -> VersionRecord:
+def version_from_row(row: Row, aliases: list[str]) -> VersionRecord:
     return VersionRecord(
         adapter=row["adapter"],
         version=row["version"],
@@ -41,7 +40,7 @@ def version_from_row(row: sqlite3.Row, aliases: list[str]) -> VersionRecord:
     )
 
 
-def alias_from_row(row: sqlite3.Row) -> AliasRecord:
+def alias_from_row(row: Row) -> AliasRecord:
     return AliasRecord(
         adapter=row["adapter"],
         alias=row["alias"],
@@ -93,8 +92,8 @@ def registry_state(db: Database) -> dict[str, Any]:
     versions."""
     row = db.query("SELECT * FROM registry WHERE id = 1")[0]
     counts = db.query(
-        "SELECT COUNT(DISTINCT adapter), COUNT(*), COALESCE(SUM(state = 'archived'), 0)"
-        " FROM versions"
+        "SELECT COUNT(DISTINCT adapter), COUNT(*),"
+        " COALESCE(SUM(CASE WHEN state = 'archived' THEN 1 ELSE 0 END), 0) FROM versions"
     )[0]
     return {
         "revision": row["revision"],
@@ -112,6 +111,12 @@ def registry_state(db: Database) -> dict[str, Any]:
 def adapter_names(db: Database) -> list[str]:
     rows = db.query("SELECT DISTINCT adapter FROM versions ORDER BY adapter")
     return [r[0] for r in rows]
+
+
+def stored_digests(db: Database) -> list[str]:
+    """The digests whose files the registry keeps (every version not purged by gc)."""
+    rows = db.query("SELECT DISTINCT digest FROM versions WHERE purged = 0 ORDER BY digest")
+    return [str(r[0]) for r in rows]
 
 
 def has_versions(db: Database, adapter: str) -> bool:

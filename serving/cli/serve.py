@@ -108,6 +108,7 @@ def option_of(name: str, field: FieldInfo) -> Option:
 
 def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Entry point: add `lorafleet serve`, one option per ServeConfig field."""
+    from registry.arguments import add_store_options
     from serving.serve_config import ServeConfig
 
     p = commands.add_parser(
@@ -122,6 +123,7 @@ def add_serve_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         option = option_of(name, field)
         where = groups.get(option.group) if option.group else None
         (where or p).add_argument(*option.flags, **option.kwargs)
+    add_store_options(p)  # set in the environment the workers inherit
     p.set_defaults(handler=cmd_serve)
 
 

@@ -107,7 +107,14 @@ class HotSwap:
 
     def _poll(self) -> None:
         supervisor = os.getppid()
-        while not self._stop.wait(self.config.poll_interval_s):
+        while not self._stop.is_set():
+            try:  # returns at once when a PostgreSQL registry notifies a change
+                self.registry.wait_for_change(self.config.poll_interval_s)
+            except LorafleetError as err:  # unreachable: keep serving, try again
+                logger.warning("registry change feed failed: %s", err)
+                self._stop.wait(self.config.poll_interval_s)
+            if self._stop.is_set():
+                return
             if os.getppid() != supervisor:
                 # BentoML's supervisor gives each worker its own session, so a SIGKILL of the
                 # `lorafleet serve` process group would leave this worker serving on alone.

@@ -4,7 +4,6 @@ own one-line message (exit 2), and the registry is left exactly as it was."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +34,8 @@ def snapshot(home: Path) -> tuple[int, list[str], list[str]]:
     try:
         state = (
             registry.revision(),
-            sorted(os.listdir(home / "artifacts" / "sha256")),
-            sorted(os.listdir(home / "artifacts" / "tmp")),
+            sorted(registry.artifacts.digests()),
+            registry.artifacts.leftovers(),
         )
     finally:
         registry.close()
@@ -148,6 +147,8 @@ def test_every_breakage_has_its_own_message() -> None:
 
 
 def test_other_base_is_refused_naming_both_fingerprints(
+    request: pytest.FixtureRequest,
+    backend: str,
     home: Path,
     other_base: Path,
     tiny_base: Path,
@@ -157,7 +158,9 @@ def test_other_base_is_refused_naming_both_fingerprints(
     registry = Registry(home)
     ours = registry.base.fingerprint
     registry.close()
-    theirs = Registry.create(home.parent / "other", other_base).base.fingerprint
+    # another registry: another home, and another database where the records are shared
+    other_url = request.getfixturevalue("postgres").new_database() if backend != "sqlite" else None
+    theirs = Registry.create(home.parent / "other", other_base, url=other_url).base.fingerprint
     assert theirs != ours
     before = snapshot(home)
     result = cli("registry", "register", "support", str(adapter_factory(other_base)), home=home)
