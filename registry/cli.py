@@ -500,7 +500,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     rows = ", ".join(f"{n} {table}" for table, n in result["rows"].items())
     text = (
         f"copied {result['from']} to {result['to']}: {rows}; "
-        f"{result['artifacts_copied']} artifacts in {result['artifacts']}\n"
+        f"{result['artifacts_copied']} artifacts in {result['artifacts']}; "
+        f"{result['requests_logged']} logged requests\n"
         f"verified: every row equal, every artifact whole. Open it with --registry URL "
         f"--artifacts {result['artifacts']} (or {REGISTRY_URL_ENV} / {ARTIFACTS_URL_ENV})"
     )

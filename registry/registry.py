@@ -45,6 +45,7 @@ from registry.records import (
 )
 from registry.storage import (
     aliases,
+    canary_events,
     feedback,
     fleet,
     maintenance,
@@ -242,6 +243,19 @@ class Registry:
                     f"the copy in {target.location} differs from {self.db.location}: "
                     + "; ".join(problems[:5])
                 )
+            logged = 0
+            if (self.home / "requests.db").is_file() and not self.shared:
+                copy = RequestLog(self.home, target.busy_timeout_s, shared=target)
+                for adapter in self.request_log.counts():
+                    rows = self.request_log.read(adapter)
+                    copy.append(rows)
+                    logged += len(rows)
+                if copy.counts() != self.request_log.counts():
+                    raise LorafleetError(
+                        f"the request log copied to {target.location} differs from "
+                        f"{self.request_log.location}: {copy.counts()} vs "
+                        f"{self.request_log.counts()}"
+                    )
             with target.write("migrate") as txn:
                 insert_event(
                     txn, actor=actor or default_actor(), reason=f"from {self.db.location}",
@@ -255,6 +269,7 @@ class Registry:
             "artifacts": store.location,
             "rows": counts,
             "artifacts_copied": len(digests),
+            "requests_logged": logged,
         }
 
     def wait_for_change(self, timeout_s: float) -> bool:
@@ -436,10 +451,43 @@ class Registry:
         )
 
     @property
+    def shared(self) -> bool:
+        """Records many hosts share (PostgreSQL): the request log and the canary's samples
+        are kept there too."""
+        return self.db.dialect == "postgresql"
+
+    def add_canary_samples(self, samples: list[canary_events.Sample]) -> None:
+        """Pool the canary's samples of one server with every replica's (a shared registry
+        only; registry/storage/canary_events.py)."""
+        self._require_shared("pooled canary samples")
+        canary_events.append(self.db, samples)
+
+    def canary_samples_since(
+        self, adapter: str, version: int, start: float, limit: int
+    ) -> tuple[list[tuple[float, bool, float | None]], list[tuple[float, float]]]:
+        """Every replica's requests and ratings of `adapter@version` since `start`."""
+        self._require_shared("pooled canary samples")
+        return canary_events.since(self.db, adapter, version, start, limit)
+
+    def prune_canary_samples(self, before: float) -> int:
+        self._require_shared("pooled canary samples")
+        return canary_events.prune(self.db, before)
+
+    def _require_shared(self, what: str) -> None:
+        if not self.shared:
+            raise LorafleetError(
+                f"{what} need a registry the servers share (PostgreSQL, "
+                f"{REGISTRY_URL_ENV}); {self.db.location} is this host's own"
+            )
+
+    @property
     def request_log(self) -> RequestLog:
-        """The log of served requests (its own SQLite file beside the registry's)."""
+        """The log of served requests: its own SQLite file beside the registry's, or the
+        shared database's `requests` table."""
         if self._request_log is None:
-            self._request_log = RequestLog(self.home, self.db.busy_timeout_s)
+            self._request_log = RequestLog(
+                self.home, self.db.busy_timeout_s, shared=self.db if self.shared else None
+            )
         return self._request_log
 
     def logged_requests(

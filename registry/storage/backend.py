@@ -92,11 +92,15 @@ class Database(ABC):
         """Several reads that see one consistent state."""
 
     @abstractmethod
-    def write(self, what: str = "a write") -> AbstractContextManager[Transaction]:
+    def write(
+        self, what: str = "a write", *, locked: bool = True
+    ) -> AbstractContextManager[Transaction]:
         """A transaction that holds the registry's write lock from its start, so the
         read-modify-write sequences of many processes serialize; committed on success,
         rolled back on any error; RegistryBusy naming `what` when the lock stays taken
-        longer than `busy_timeout_s`, with nothing written."""
+        longer than `busy_timeout_s`, with nothing written. `locked=False`: appends that
+        read nothing back (the servers' shared samples) skip the lock where the backend
+        can (PostgreSQL); they must not bump the revision."""
 
     @abstractmethod
     def artifacts_lock(self, exclusive: bool) -> AbstractContextManager[None]:

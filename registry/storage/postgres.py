@@ -33,7 +33,6 @@ from psycopg import errors as pg_errors
 from registry.errors import LorafleetError, RegistryBusy
 from registry.storage.backend import (
     BUSY_TIMEOUT_ENV,
-    SCHEMA_VERSION,
     Database,
     Transaction,
     default_busy_timeout_s,
@@ -64,8 +63,40 @@ def _schema_v2() -> list[str]:
     return statements
 
 
-# Version -> statements; a new version appends here (and SCHEMA_VERSION follows).
-MIGRATIONS: dict[int, list[str]] = {2: _schema_v2()}
+# What the servers of a shared registry keep together: the request log (requestlog.py),
+# so feedback finds a response from any replica, and the canary's samples
+# (canary_events.py), so a verdict counts the canary's requests on every replica.
+SHARED_LOOP_STATE = [
+    """CREATE TABLE IF NOT EXISTS requests (
+        id BIGSERIAL PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        response_id TEXT NOT NULL,
+        adapter TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        model TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        output TEXT NOT NULL,
+        finish_reason TEXT,
+        prompt_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS requests_by_version ON requests (adapter, version, id)",
+    "CREATE INDEX IF NOT EXISTS requests_by_response ON requests (response_id)",
+    """CREATE TABLE IF NOT EXISTS canary_events (
+        id BIGSERIAL PRIMARY KEY,
+        at DOUBLE PRECISION NOT NULL,
+        adapter TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        error BIGINT,
+        seconds_per_token DOUBLE PRECISION,
+        score DOUBLE PRECISION,
+        replica TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS canary_events_by_version ON canary_events (adapter, version, at)",
+]
+# Version -> statements; a new version appends here.
+MIGRATIONS: dict[int, list[str]] = {2: _schema_v2(), 3: SHARED_LOOP_STATE}
+PG_SCHEMA_VERSION = max(MIGRATIONS)
 
 
 @lru_cache(maxsize=512)
@@ -253,7 +284,7 @@ class PostgresDatabase(Database):
                 _rollback(conn)
 
     @contextmanager
-    def write(self, what: str = "a write") -> Iterator[PostgresTransaction]:
+    def write(self, what: str = "a write", *, locked: bool = True) -> Iterator[PostgresTransaction]:
         with self._lock:
             self._conn = self._fresh(self._conn)
             conn = self._conn
@@ -261,7 +292,8 @@ class PostgresDatabase(Database):
                 with self._errors(what):
                     conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                     conn.execute(f"SET LOCAL lock_timeout = '{self._lock_timeout()}'")
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+                    if locked:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
                 yield PostgresTransaction(conn)
                 with self._errors(what):
                     conn.execute("COMMIT")
@@ -290,8 +322,8 @@ class PostgresDatabase(Database):
         version and the single registry row."""
         problems = []
         applied = self.query("SELECT MAX(version) FROM schema_migrations")[0][0]
-        if applied != SCHEMA_VERSION:
-            problems.append(f"schema version {applied}, expected {SCHEMA_VERSION}")
+        if applied != PG_SCHEMA_VERSION:
+            problems.append(f"schema version {applied}, expected {PG_SCHEMA_VERSION}")
         rows = self.query("SELECT COUNT(*) FROM registry")[0][0]
         if rows > 1:
             problems.append(f"{rows} registry rows, expected 1")
@@ -308,11 +340,11 @@ class PostgresDatabase(Database):
                 " (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             )
             done = {int(r[0]) for r in txn.execute("SELECT version FROM schema_migrations")}
-            newer = [v for v in done if v > SCHEMA_VERSION]
+            newer = [v for v in done if v > PG_SCHEMA_VERSION]
             if newer:
                 raise LorafleetError(
                     f"the registry database {self.location} has schema version {max(newer)}, "
-                    f"newer than this lorafleet's {SCHEMA_VERSION}; upgrade lorafleet"
+                    f"newer than this lorafleet's {PG_SCHEMA_VERSION}; upgrade lorafleet"
                 )
             for version in sorted(v for v in MIGRATIONS if v not in done):
                 for statement in MIGRATIONS[version]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from registry.errors import LorafleetError, RegistryBusy
 from registry.loop_records import LoggedRequest
+from registry.storage.backend import Database
 from registry.storage.sqlite import DEFAULT_BUSY_TIMEOUT_S, SQLITE_BUSY_CODES
 
 LOG_FILE = "requests.db"
@@ -44,12 +45,27 @@ CREATE INDEX IF NOT EXISTS requests_by_response ON requests (response_id);
 
 
 class RequestLog:
-    """The request log of a registry home; safe to share between the threads of a process."""
+    """The request log of a registry home; safe to share between the threads of a process.
 
-    def __init__(self, home: Path, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+    With `shared` (a PostgreSQL registry's database), the rows go to its `requests` table
+    instead, so every replica's requests are in one place (feedback finds a response from
+    any of them); those appends skip the registry's write lock."""
+
+    def __init__(
+        self,
+        home: Path,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        *,
+        shared: Database | None = None,
+    ) -> None:
+        self.shared = shared
         self.path = Path(home) / LOG_FILE
+        self.location = shared.location if shared is not None else str(self.path)
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        if shared is not None:
+            return
         try:
             self._conn = sqlite3.connect(
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
@@ -66,9 +82,24 @@ class RequestLog:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self.shared is not None:
+            return self.shared.query(sql, params)
+        assert self._conn is not None
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
 
     def _write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
+        if self.shared is not None:
+            changed = 0
+            with self.shared.write("the request log", locked=False) as txn:
+                for row in rows:
+                    changed += max(0, txn.execute(sql, row).rowcount)
+            return changed
+        assert self._conn is not None
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -116,11 +147,10 @@ class RequestLog:
         """Delete rows older than `max_age_s` and all but each adapter's newest
         `max_rows_per_adapter`; returns the number deleted."""
         deleted = self._write("DELETE FROM requests WHERE at < ?", [(time.time() - max_age_s,)])
-        with self._lock:
-            over = self._conn.execute(
-                "SELECT adapter, COUNT(*) AS n FROM requests GROUP BY adapter HAVING n > ?",
-                (max_rows_per_adapter,),
-            ).fetchall()
+        over = self._read(
+            "SELECT adapter FROM requests GROUP BY adapter HAVING COUNT(*) > ?",
+            (max_rows_per_adapter,),
+        )
         for row in over:
             deleted += self._write(
                 "DELETE FROM requests WHERE adapter = ? AND id <= (SELECT id FROM requests"
@@ -144,28 +174,34 @@ class RequestLog:
             sql += " AND version = ?"
             params.append(version)
         sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        with self._lock:
-            rows = self._conn.execute(sql, params).fetchall()
-        return [
-            LoggedRequest(
-                response_id=r["response_id"],
-                adapter=r["adapter"],
-                version=r["version"],
-                model=r["model"],
-                prompt=r["prompt"],
-                output=r["output"],
-                finish_reason=r["finish_reason"],
-                prompt_tokens=r["prompt_tokens"],
-                completion_tokens=r["completion_tokens"],
-                at=r["at"],
-            )
-            for r in reversed(rows)
-        ]
+        return [_logged(r) for r in reversed(self._read(sql, params))]
+
+    def find(self, response_id: str) -> LoggedRequest | None:
+        """The logged request with this response id (the newest, should ids repeat)."""
+        rows = self._read(
+            "SELECT * FROM requests WHERE response_id = ? ORDER BY id DESC LIMIT 1",
+            (response_id,),
+        )
+        return _logged(rows[0]) if rows else None
 
     def counts(self) -> dict[str, int]:
         """Logged requests per adapter."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT adapter, COUNT(*) FROM requests GROUP BY adapter ORDER BY adapter"
-            ).fetchall()
+        rows = self._read(
+            "SELECT adapter, COUNT(*) FROM requests GROUP BY adapter ORDER BY adapter"
+        )
         return {r[0]: int(r[1]) for r in rows}
+
+
+def _logged(r: Any) -> LoggedRequest:
+    return LoggedRequest(
+        response_id=r["response_id"],
+        adapter=r["adapter"],
+        version=r["version"],
+        model=r["model"],
+        prompt=r["prompt"],
+        output=r["output"],
+        finish_reason=r["finish_reason"],
+        prompt_tokens=r["prompt_tokens"],
+        completion_tokens=r["completion_tokens"],
+        at=r["at"],
+    )

@@ -276,7 +276,7 @@ class SqliteDatabase(Database):
                 conn.execute("COMMIT")
 
     @contextmanager
-    def write(self, what: str = "a write") -> Iterator[SqliteTransaction]:
+    def write(self, what: str = "a write", *, locked: bool = True) -> Iterator[SqliteTransaction]:
         """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
         with self._lock:
             with self._busy_errors(what):

@@ -3,6 +3,7 @@ errors to status codes. This is the only place that knows about HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -216,5 +217,7 @@ class GenerationStream(StreamingResponse):
 
 @app.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
-    stored = server_of(request).feedback(body.response_id, body.score, body.correction)
+    stored = await asyncio.to_thread(
+        server_of(request).feedback, body.response_id, body.score, body.correction
+    )
     return {"id": stored, "response_id": body.response_id, "stored": True}

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
+from registry import RequestLog
 from registry.errors import NotFound
 from registry.loop_records import LoggedRequest
 from serving.metrics import (
@@ -21,7 +23,7 @@ from serving.metrics import (
     REQUEST_SECONDS,
     REQUESTS,
 )
-from serving.runtime.generation import Generation, request_id_of
+from serving.runtime.generation import RESPONSE_PREFIXES, Generation, request_id_of
 from serving.watch.canary_stats import CanaryStats
 from serving.watch.drift import Drift
 from serving.watch.request_writer import RequestLogWriter
@@ -52,6 +54,61 @@ class RecentResponses:
                 f"{self.size} responses of this server"
             )
         return found
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What feedback on a response records: the version that served it, its prompt and
+    output, and its metric labels."""
+
+    adapter: str | None
+    version: int | None
+    prompt: str
+    output: str
+    labels: tuple[str, str]
+
+
+SHARED_LOG_WAIT_S = 2.0
+"""How long feedback waits for another replica's request log to hold a response (its
+writer appends at least every 0.5 s)."""
+
+
+def answered(
+    recent: RecentResponses, response_id: str, shared_log: RequestLog | None
+) -> Answered:
+    """The response `response_id` from this server's recent ones, else (a registry shared by
+    replicas) from the shared request log, waiting up to SHARED_LOG_WAIT_S for the replica
+    that served it to append it. NotFound if neither has it."""
+    try:
+        generation = recent.get(response_id)
+    except NotFound:
+        if shared_log is None:
+            raise
+        request_id = request_id_of(response_id)
+        ids = [response_id, *(prefix + request_id for prefix in RESPONSE_PREFIXES)]
+        deadline = time.monotonic() + SHARED_LOG_WAIT_S
+        while True:
+            for candidate in dict.fromkeys(ids):
+                if (logged := shared_log.find(candidate)) is not None:
+                    labels = (logged.adapter, str(logged.version))
+                    return Answered(
+                        logged.adapter, logged.version, logged.prompt, logged.output, labels
+                    )
+            if time.monotonic() > deadline:
+                raise NotFound(
+                    f"unknown response id {response_id!r}; feedback is taken for the last "
+                    f"{recent.size} responses of each server and for every response in the "
+                    f"shared request log ({shared_log.location})"
+                ) from None
+            time.sleep(0.2)
+    target = generation.target
+    return Answered(
+        target.adapter if target else None,
+        target.version if target else None,
+        generation.prompt,
+        generation.text,
+        generation.labels,
+    )
 
 
 class Outcomes:

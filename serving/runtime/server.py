@@ -29,12 +29,13 @@ from serving.runtime.admission import Admission, Prompt
 from serving.runtime.detokenizer import Detokenizer
 from serving.runtime.generation import Ask, Generation
 from serving.runtime.hotswap import HotSwap
-from serving.runtime.outcomes import Outcomes
+from serving.runtime.outcomes import Outcomes, answered
 from serving.runtime.residency import Residency
 from serving.runtime.routing import AliasMap, Router, Target
 from serving.runtime.shadow import Shadow
 from serving.serve_config import ServeConfig
 from serving.watch.canary import CanaryWatch
+from serving.watch.canary_shared import SharedCanaryStats
 from serving.watch.canary_stats import CanaryStats
 from serving.watch.drift import Drift, DriftSettings, registry_profiles
 from serving.watch.request_writer import RequestLogWriter
@@ -72,7 +73,11 @@ class Server:
         self.engine_name, self.engine = build_engine(config)
         self.residency = Residency(self.engine, self.engine_name, self.registry)
         self.router = Router(AliasMap.load(self.registry))
-        self.canary_stats = CanaryStats()
+        self.canary_stats = (  # pooled across the replicas of a shared registry
+            SharedCanaryStats(self.registry, self._has_canary)
+            if self.registry.shared
+            else CanaryStats()
+        )
         self.traffic = Traffic()  # the dashboard's charts
         self.drift_history = DriftHistory(self.drift.summary)
         self.request_log = (
@@ -120,6 +125,7 @@ class Server:
     def close(self) -> None:
         self.hotswap.close()
         self.canary.close()
+        self.canary_stats.close()
         self.drift_history.close()
         if self.request_log is not None:
             self.request_log.close()  # writes what is pending
@@ -136,6 +142,9 @@ class Server:
     def refresh(self) -> bool:
         """Apply the registry's current aliases now; True if the map changed."""
         return self.hotswap.refresh()
+
+    def _has_canary(self, adapter: str) -> bool:
+        return (adapter, CANARY_ALIAS) in self.router.map.aliases
 
     def _keep_resident(self, adapter: str, version: int) -> None:
         """Load `adapter@version` unless it is resident (the canary watch, before it routes)."""
@@ -287,20 +296,22 @@ class Server:
         return [texts[i] for i in ids]
 
     def feedback(self, response_id: str, score: float, correction: str | None) -> int:
-        generation = self.outcomes.recent.get(response_id)
-        target = generation.target
+        """Store feedback on a response of this server, or of any replica that shares the
+        registry (blocking: call it off the event loop)."""
+        shared = self.registry.request_log if self.registry.shared else None
+        found = answered(self.outcomes.recent, response_id, shared)
         stored = self.registry.add_feedback(
             response_id,
             score,
-            adapter=target.adapter if target else None,
-            version=target.version if target else None,
+            adapter=found.adapter,
+            version=found.version,
             correction=correction,
-            prompt=generation.prompt,
-            output=generation.text,
+            prompt=found.prompt,
+            output=found.output,
         )
-        self.drift.add_feedback(*generation.labels, score)
-        if target is not None:
-            self.canary_stats.add_feedback(target.adapter, target.version, score)
+        self.drift.add_feedback(*found.labels, score)
+        if found.adapter is not None and found.version is not None:
+            self.canary_stats.add_feedback(found.adapter, found.version, score)
         return stored
 
     def drift_key(self, model: str) -> tuple[str, int]:

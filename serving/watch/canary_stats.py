@@ -106,6 +106,9 @@ class CanaryStats:
         with self._lock:
             self._events((adapter, version)).feedback.append((time.time(), score))
 
+    def close(self) -> None:
+        """Nothing to end here (the shared kind, canary_shared.py, stops its thread)."""
+
     def since(self, adapter: str, version: int, start: float) -> VersionStats:
         """Samples of `adapter@version` over what happened at or after `start` (unix s)."""
         with self._lock:

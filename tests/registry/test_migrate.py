@@ -16,6 +16,7 @@ import pytest
 
 from registry import Registry
 from registry.errors import NotInitialized
+from registry.loop_records import LoggedRequest
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
 STORE_VARIABLES = ("LORAFLEET_REGISTRY_URL", "LORAFLEET_ARTIFACTS_URL")
@@ -50,6 +51,16 @@ def embedded(
     registry.jobs.claim(actor="runner")
     registry.jobs.finish(job.id, succeeded=False, actor="runner", summary="gate refused")
     registry.jobs.set_schedule("intent", every_s=3600, cron=None, actor="tests")
+    registry.request_log.append(
+        [
+            LoggedRequest(
+                response_id=f"cmpl-{i}", adapter="support", version=1, model="support",
+                prompt="Review: fine.\nSentiment:", output=" positive", finish_reason="stop",
+                prompt_tokens=6, completion_tokens=1, at=1_700_000_000.0 + i,
+            )
+            for i in range(3)
+        ]
+    )
     registry.receive_alert(
         fingerprint="f1",
         starts_at="2026-12-01T00:00:00Z",
@@ -79,6 +90,7 @@ def state(registry: Registry) -> dict[str, Any]:
         "feedback": registry.feedback("support"),
         "jobs": [j.to_dict() for j in registry.jobs.recent()],
         "schedules": [s.to_dict() for s in registry.jobs.schedules()],
+        "requests": registry.logged_requests("support"),
     }
 
 
@@ -100,6 +112,7 @@ def test_migrate_copies_everything_and_the_copy_is_used(
     assert done.returncode == 0, done.stderr
     assert "verified: every row equal, every artifact whole" in done.stdout
     assert "5 versions" in done.stdout and "5 artifacts" in done.stdout  # archived too
+    assert "3 logged requests" in done.stdout
     print("\n" + done.stdout)
 
     for key, value in s3.env().items():
