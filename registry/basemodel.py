@@ -187,3 +187,48 @@ def _add_tied_head(config: dict[str, object], params: dict[str, tuple[int, ...]]
         if name.endswith("embed_tokens.weight"):
             params["lm_head.weight"] = shape
             return
+
+
+def fetch_base(url: str, out: Path, expected: str | None = None) -> BaseModelInfo:
+    """Copy the base model directory at an fsspec `url` (s3://, gs://, az://, file://) to
+    `out`, through a temporary directory renamed into place once its fingerprint is
+    `expected` (when given: a registry's base). An `out` that already holds that base is
+    kept as it is. InvalidBaseModel naming both fingerprints on a mismatch."""
+    import shutil
+    import uuid
+
+    import fsspec
+
+    out = Path(out).expanduser().absolute()
+    if out.is_dir() and expected is not None:
+        try:
+            if inspect_base(out).fingerprint == expected:
+                return inspect_base(out)
+        except InvalidBaseModel:
+            pass
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    names = [Path(p).name for p in fs.ls(root, detail=False) if fs.isfile(p)]
+    if "config.json" not in names:
+        raise InvalidBaseModel(
+            f"{url} holds no config.json ({len(names)} files): give the URL of a base model "
+            "directory (config.json, tokenizer and safetensors weights)"
+        )
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        for name in names:
+            fs.get_file(f"{root}/{name}", str(staging / name))
+        info = inspect_base(staging)
+        if expected is not None and info.fingerprint != expected:
+            raise InvalidBaseModel(
+                f"the base at {url} has fingerprint {info.fingerprint}, but the registry is "
+                f"bound to {expected}: point at the base the registry was created with"
+            )
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return inspect_base(out)

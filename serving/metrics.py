@@ -83,6 +83,10 @@ class ProcessGauge:
         with self._lock:
             return self._values.get(labels)
 
+    def labelsets(self) -> list[tuple[str, ...]]:
+        with self._lock:
+            return list(self._values)
+
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:
@@ -112,6 +116,13 @@ ALIAS_INFO = ProcessGauge(
     "lorafleet_alias_info",
     "1 for each alias the server routes, labelled with the version it points at",
     ("adapter", "alias", "version"),
+)
+LORA_REQUESTS_INFO = ProcessGauge(
+    "lorafleet_lora_requests_info",
+    "The adapters this replica holds, for load balancers that route by them (the Gateway "
+    "API Inference Extension's model-server protocol, as vllm:lora_requests_info): value "
+    "the time of the reading",
+    ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
 )
 CANARY_VERDICTS = Counter(
     "lorafleet_canary_verdicts",

@@ -84,7 +84,7 @@ def fleet(
             patch.setenv(key, value)
         registry = Registry.create(work / "admin", tiny_base)
         stack.callback(registry.close)
-        for seed, name in enumerate(["alpha", "beta", "gamma"]):
+        for seed, name in enumerate(["alpha", "beta", "gamma", "delta"]):
             registry.register(name, adapter_factory(tiny_base, rank=4, seed=40 + seed))
             registry.register(name, adapter_factory(tiny_base, rank=4, seed=50 + seed))
             registry.promote(name, 1)
@@ -210,6 +210,24 @@ def test_promotes_under_load_reach_every_replica_within_a_second(fleet: Fleet) -
     assert wrong == []
     assert {v for v, _ in alpha} == {"alpha@1", "alpha@2"}
     assert max(lags) < 1.0
+
+
+def holding(replica: Any) -> list[str]:
+    """What a replica's lorafleet_lora_requests_info says it holds."""
+    text = replica.http.get("/metrics").text
+    pattern = r'^lorafleet_lora_requests_info\{[^}]*running_lora_adapters="([^"]*)"'
+    found = re.search(pattern, text, re.M)
+    assert found, "no lorafleet_lora_requests_info"
+    return found.group(1).split(",") if found.group(1) else []
+
+
+def test_haproxy_keeps_an_adapter_on_one_replica_which_exports_it(fleet: Fleet) -> None:
+    for _ in range(10):
+        assert complete(fleet.proxy, "delta").status_code == 200
+    held = [i for i, replica in enumerate(fleet.replicas) if "delta" in holding(replica)]
+    print(f"\ndelta, 10 requests through HAProxy: resident on replica {held}")
+    assert len(held) == 1
+    assert "delta@1" in holding(fleet.replicas[held[0]])
 
 
 def test_feedback_on_any_replicas_response_is_stored(fleet: Fleet) -> None:

@@ -310,7 +310,7 @@ def prepare(
     fmt = raw_data.get("format", "completion")
     train_files = _existing(raw_data.get("train", []), production, "data.train")
     eval_files = _existing(raw_data.get("eval", []), production, "data.eval")
-    base = Path(registry.base.path)
+    base = local_base(registry)
     fit_files, held_out = train_files, eval_files
     if not eval_files:
         fit_files, held_out = _split_held_out(base, raw_data, train_files, out / "data")
@@ -332,6 +332,27 @@ def prepare(
     config = load_config(config_file, list(settings.retrain_overrides))
     data = JobData(train_files, new_files, added, corrections_file, held_out)
     return config, data
+
+
+BASE_ENV = "LORAFLEET_BASE"
+
+
+def local_base(registry: Registry) -> Path:
+    """The base model directory on this host: $LORAFLEET_BASE (a training node of a shared
+    registry, with the base copied by `lorafleet base fetch`), else where the registry was
+    created. RetrainError unless its fingerprint is the registry's."""
+    from registry.basemodel import inspect_base
+
+    given = os.environ.get(BASE_ENV)
+    if not given:
+        return Path(registry.base.path)
+    found = inspect_base(given).fingerprint
+    if found != registry.base.fingerprint:
+        raise RetrainError(
+            f"{BASE_ENV}={given} has fingerprint {found}, but the registry is bound to "
+            f"{registry.base.fingerprint}: point it at the registry's base"
+        )
+    return Path(given).expanduser().resolve()
 
 
 def _existing(paths: list[str], production: VersionRecord, key: str) -> list[str]:

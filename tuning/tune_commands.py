@@ -83,6 +83,27 @@ def add_base_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     adapter.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     adapter.set_defaults(handler=cmd_base_adapter)
 
+    fetch = sub.add_parser(
+        "fetch",
+        help="copy a base model directory from an object store, checked against the registry",
+        description="Copy the base model at URL (s3://BUCKET/PATH, gs://, az://, file://) to "
+        "DIR, as each replica of a shared registry needs it on local disk; its fingerprint "
+        "must be the registry's base (the registry of --home / --registry, when there is one). "
+        "A DIR that already holds that base is kept.",
+    )
+    fetch.add_argument("url", help="where the base model directory is")
+    fetch.add_argument("--out", type=Path, required=True, help="local directory to fill")
+    fetch.add_argument("--home", type=Path, help="registry directory (default $LORAFLEET_HOME)")
+    from registry.arguments import add_store_options
+
+    add_store_options(fetch)
+    fetch.add_argument(
+        "--no-registry",
+        action="store_true",
+        help="copy without checking the fingerprint against a registry",
+    )
+    fetch.set_defaults(handler=cmd_base_fetch)
+
 
 def cmd_base_tiny(args: argparse.Namespace) -> int:
     out = build_base_model(
@@ -105,6 +126,21 @@ def cmd_base_adapter(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(f"wrote rank-{args.rank} adapter for {args.base} to {out}")
+    return 0
+
+
+def cmd_base_fetch(args: argparse.Namespace) -> int:
+    from registry.basemodel import fetch_base
+    from registry.registry import Registry
+
+    expected = None
+    if not args.no_registry:
+        registry = Registry(args.home)
+        expected = registry.base.fingerprint
+        registry.close()
+    info = fetch_base(args.url, args.out, expected)
+    checked = "the registry's base" if expected else "not checked against a registry"
+    print(f"base {info.fingerprint[:12]} ({info.model_type}) in {info.path}: {checked}")
     return 0
 
 

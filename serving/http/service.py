@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import bentoml
@@ -21,8 +22,9 @@ from bentoml.serving import running_inside_container
 from prometheus_client import generate_latest
 
 from registry.errors import LorafleetError
+from registry.names import DEFAULT_ALIAS
 from serving.http.app import app
-from serving.metrics import PROCESS_METRICS
+from serving.metrics import LORA_REQUESTS_INFO, PROCESS_METRICS
 from serving.runtime.server import Server
 from serving.serve_config import START_FAILURE_ENV, load_serve_config
 
@@ -56,11 +58,38 @@ class LoraFleet:
     async def __metrics__(self, content: str) -> str:
         """BentoML's /metrics text plus the gauges kept in this process (drift scores,
         whose label sets must disappear, which multiprocess mode cannot do)."""
+        export_lora_info(self.server)
         return content + generate_latest(PROCESS_METRICS).decode()
 
     @bentoml.on_shutdown  # type: ignore[untyped-decorator]
     def shutdown(self) -> None:
         self.server.close()
+
+
+def export_lora_info(server: Server) -> None:
+    """The one sample of lorafleet_lora_requests_info: the resident versions (NAME@VERSION)
+    and the names whose routed version is resident (requests name adapters so), the loads
+    in progress, and the slots."""
+    routed = {
+        name: version
+        for (name, alias), (version, _) in server.router.map.aliases.items()
+        if alias == DEFAULT_ALIAS
+    }
+    resident = server.residency.resident()
+    names = set()
+    for key in resident:
+        name, _, version = key.partition("@")
+        if routed.get(name) == int(version):
+            names.add(name)
+    labels = (
+        str(server.engine.adapter_slots),
+        ",".join([*sorted(names), *sorted(resident)]),
+        ",".join(server.residency.loading()),
+    )
+    for old in LORA_REQUESTS_INFO.labelsets():
+        if old != labels:
+            LORA_REQUESTS_INFO.remove(old)
+    LORA_REQUESTS_INFO.set(labels, time.time())
 
 
 def failure_line(err: BaseException) -> str:

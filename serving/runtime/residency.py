@@ -45,6 +45,11 @@ class Residency:
         with self._lock:
             return list(self._lru)
 
+    def loading(self) -> list[str]:
+        """Versions being loaded now, or waiting for a slot to load into."""
+        with self._lock:
+            return sorted(self._loading)
+
     @contextmanager
     def held(self, key: str) -> Iterator[None]:
         """Keep `key` from being evicted while a request is admitted: from its residency

@@ -365,3 +365,102 @@ def test_prometheus_discovers_the_headless_service() -> None:
     assert dns["names"] == [f"lorafleet-pods.{namespace}.svc.cluster.local"]
     assert dns["port"] == headless["spec"]["ports"][0]["port"]
     assert job["metrics_path"] == "/metrics"
+
+
+# ---- many replicas: deploy/kubernetes/fleet and deploy/haproxy -----------------------------
+
+FLEET = KUBERNETES / "fleet"
+
+
+def fleet_manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    found = {}
+    for path in sorted(FLEET.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            name = doc.get("metadata", {}).get("name", path.name)
+            found[(doc["kind"], name)] = doc
+    return found
+
+
+def test_fleet_runs_three_replicas_without_a_shared_volume() -> None:
+    docs = fleet_manifests()
+    assert set(docs) == {
+        ("Deployment", "lorafleet"),
+        ("Service", "lorafleet"),
+        ("Service", "lorafleet-pods"),
+        ("PodDisruptionBudget", "lorafleet"),
+        ("CronJob", "lorafleet-retrain"),
+        ("Kustomization", "kustomization.yaml"),
+    }
+    listed = set(docs[("Kustomization", "kustomization.yaml")]["resources"])
+    assert listed == {"../namespace.yaml"} | {
+        p.name for p in FLEET.glob("*.yaml") if p.name != "kustomization.yaml"
+    }
+    deployment = docs[("Deployment", "lorafleet")]["spec"]
+    assert deployment["replicas"] == 3
+    assert deployment["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    pod = deployment["template"]["spec"]
+    assert [v for v in pod["volumes"] if "emptyDir" not in v] == []  # no claim, nothing shared
+    labels = deployment["template"]["metadata"]["labels"]
+    pdb = docs[("PodDisruptionBudget", "lorafleet")]["spec"]
+    assert pdb["maxUnavailable"] == 1
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    server = pod["containers"][0]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    config = json.loads(env_of(server)["LORAFLEET_SERVE_CONFIG"])
+    (fetch,) = pod["initContainers"]
+    assert fetch["args"][:4] == ["python", "-m", "registry", "base"]
+    assert fetch["args"][fetch["args"].index("--out") + 1] == config["base"]
+    assert config["home"] == env_of(server)["LORAFLEET_HOME"]
+
+
+def test_fleet_pods_take_the_registry_from_a_secret() -> None:
+    docs = fleet_manifests()
+    pod = docs[("Deployment", "lorafleet")]["spec"]["template"]["spec"]
+    job = docs[("CronJob", "lorafleet-retrain")]["spec"]["jobTemplate"]["spec"]["template"]
+    containers = [*pod["initContainers"], *pod["containers"], *job["spec"]["initContainers"],
+                  *job["spec"]["containers"]]
+    for container in containers:
+        env = env_of(container)
+        for name in ("LORAFLEET_REGISTRY_URL", "LORAFLEET_ARTIFACTS_URL", "AWS_ACCESS_KEY_ID"):
+            assert env[name]["secretKeyRef"]["name"] == "lorafleet-registry", (container, name)
+
+
+def test_fleet_retrains_on_a_gpu_node_in_the_gpu_image() -> None:
+    job = fleet_manifests()[("CronJob", "lorafleet-retrain")]["spec"]["jobTemplate"]["spec"]
+    spec = job["template"]["spec"]
+    (retrain,) = spec["containers"]
+    assert retrain["args"] == ["python", "-m", "registry", "jobs", "run"]
+    assert retrain["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert retrain["image"].split(":")[0].endswith("lorafleet-gpu")
+    assert "affinity" not in spec  # any node: nothing to share with the servers' nodes
+    (fetch,) = spec["initContainers"]
+    assert env_of(retrain)["LORAFLEET_BASE"] == fetch["args"][fetch["args"].index("--out") + 1]
+
+
+def test_the_commands_the_fleet_runs_exist() -> None:
+    import sys
+
+    for args in (["base", "fetch", "--help"], ["jobs", "run", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "registry", *args], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_haproxy_checks_its_config(require_binary: Callable[[str], str]) -> None:
+    import os
+
+    env = {
+        **os.environ,
+        "LORAFLEET_HAPROXY_BIND": "127.0.0.1:8080",
+        **{f"LORAFLEET_REPLICA_{i}": f"127.0.0.1:{3000 + i}" for i in (1, 2, 3)},
+    }
+    done = subprocess.run(
+        [require_binary("haproxy"), "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")],
+        capture_output=True, text=True, env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[WARNING]" not in done.stdout + done.stderr

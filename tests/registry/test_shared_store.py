@@ -149,3 +149,26 @@ def test_urls_that_cannot_work_are_refused_without_their_password(
     monkeypatch.setenv("LORAFLEET_REGISTRY_URL", postgres.new_database())
     with pytest.raises(NotInitialized, match="no registry at postgresql://"):
         Registry(tmp_path / "c")
+
+
+def test_base_fetch_copies_the_registrys_base_from_the_object_store(
+    home: Path, tiny_base: Path, other_base: Path, cli: Callable[..., Any]
+) -> None:
+    registry = Registry(home)
+    store = s3fs_of(registry)
+    bucket = store.url.removeprefix("s3://").split("/")[0]
+    for name, base in (("tiny", tiny_base), ("other", other_base)):
+        store.fs.put(str(base), f"{bucket}/bases/{name}", recursive=True)
+    out = home.parent / "replica" / "base"
+    done = cli("base", "fetch", f"s3://{bucket}/bases/tiny", "--out", str(out), home=home)
+    assert done.returncode == 0, done.stderr
+    assert "the registry's base" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_base.iterdir())
+    again = cli("base", "fetch", f"s3://{bucket}/bases/tiny", "--out", str(out), home=home)
+    assert again.returncode == 0, again.stderr  # already there: kept
+    elsewhere = out.parent / "other"
+    wrong = cli("base", "fetch", f"s3://{bucket}/bases/other", "--out", str(elsewhere), home=home)
+    assert wrong.returncode == 2
+    assert f"bound to {registry.base.fingerprint}" in wrong.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["base"]  # nothing of the wrong one
+    registry.close()

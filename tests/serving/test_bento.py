@@ -36,3 +36,28 @@ def test_bentoml_build_offline(tmp_path: Path) -> None:
     for package in ("scipy", "datasets", "croniter", "matplotlib"):
         assert package in wanted, package
     assert (bento / "src" / "registry" / "__main__.py").is_file()
+
+
+def test_the_gpu_bento_builds_offline_with_vllm_on_a_cuda_image(tmp_path: Path) -> None:
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
+    out = subprocess.run(
+        [bentoml, "build", "-f", "deploy/bento/bentofile.gpu.yaml", str(ROOT)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (bento,) = [p for p in (tmp_path / "bentos" / "lorafleet-gpu").iterdir() if p.name != "latest"]
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert manifest["service"] == "serving.http.service:LoraFleet"
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM nvidia/cuda:12.8" in dockerfile
+    wanted = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    names = {line.split(">")[0].split("=")[0].split("[")[0] for line in wanted if line}
+    assert {"vllm", "psycopg", "s3fs", "datasets", "peft"} <= names
+    assert "torch" not in names  # vLLM's own CUDA build
+    assert (bento / "src" / "serving" / "engines" / "vllm.py").is_file()
+    assert not (bento / "src" / "tests").exists()

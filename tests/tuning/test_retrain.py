@@ -600,3 +600,19 @@ def test_corrections_become_rows_of_the_adapters_format(tiny_base: Path, tmp_pat
     assert written[1]["messages"] == [*turns, {"role": "assistant", "content": "Hey."}]
     assert written[2]["messages"][0] == {"role": "user", "content": "plain question"}
     assert _write_corrections([], "completion", tmp_path / "none.jsonl") == (None, 0)
+
+
+def test_a_training_node_uses_its_own_copy_of_the_registrys_base(
+    home: Path, tiny_base: Path, other_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tuning.retrain import RetrainError, local_base
+
+    registry = Registry(home)
+    assert local_base(registry) == Path(registry.base.path)
+    copy = shutil.copytree(tiny_base, tmp_path / "node" / "base")
+    monkeypatch.setenv("LORAFLEET_BASE", str(copy))
+    assert local_base(registry) == copy.resolve()
+    monkeypatch.setenv("LORAFLEET_BASE", str(other_base))
+    with pytest.raises(RetrainError, match=f"bound to {registry.base.fingerprint}"):
+        local_base(registry)
+    registry.close()
