@@ -92,21 +92,23 @@ def fleet(
             "gamma", {"canary_min_requests": 10, "canary_window_s": 0, "canary_weight": 0.5}
         )
         options = ("--max-tokens-limit", "16", "--canary-interval-s", "0.2")
-        starting = [
-            serve(work / f"replica{i}", tiny_base, {}, *options, env=env) for i in range(3)
-        ]
+        starting = [serve(work / f"replica{i}", tiny_base, {}, *options, env=env) for i in range(3)]
         with ThreadPoolExecutor(3) as pool:  # start all three at once
             replicas = list(pool.map(stack.enter_context, starting))
         port = free_port()
         proxy_env = {
             **os.environ,
             "LORAFLEET_HAPROXY_BIND": f"127.0.0.1:{port}",
-            **{f"LORAFLEET_REPLICA_{i + 1}": r.url.removeprefix("http://") for i, r in
-               enumerate(replicas)},
+            **{
+                f"LORAFLEET_REPLICA_{i + 1}": r.url.removeprefix("http://")
+                for i, r in enumerate(replicas)
+            },
         }
         proc = subprocess.Popen(
             [haproxy, "-db", "-f", str(HAPROXY_CONFIG)],
-            env=proxy_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=proxy_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         stack.callback(lambda: (proc.kill(), proc.wait()))
@@ -228,6 +230,16 @@ def test_haproxy_keeps_an_adapter_on_one_replica_which_exports_it(fleet: Fleet) 
     print(f"\ndelta, 10 requests through HAProxy: resident on replica {held}")
     assert len(held) == 1
     assert "delta@1" in holding(fleet.replicas[held[0]])
+    # each replica counts its own requests (three servers on one host keep their
+    # multiprocess metrics apart)
+    counted = [delta_requests(replica) for replica in fleet.replicas]
+    assert counted == [10.0 if i == held[0] else 0.0 for i in range(3)], counted
+
+
+def delta_requests(replica: Any) -> float:
+    text = replica.http.get("/metrics").text
+    found = re.findall(r'^lorafleet_requests_total\{[^}]*adapter="delta"[^}]*\} (\S+)$', text, re.M)
+    return sum(float(v) for v in found)
 
 
 def test_feedback_on_any_replicas_response_is_stored(fleet: Fleet) -> None:
@@ -243,8 +255,10 @@ def test_feedback_on_any_replicas_response_is_stored(fleet: Fleet) -> None:
         # and straight to a replica that did not serve it
         other = fleet.replicas[(i + 1) % 3].http.post("/v1/feedback", json={**body, "score": 0.5})
         assert other.status_code == 200, other.text
-    stored = {(f["response_id"], f["adapter"], f["version"], f["score"]) for f in
-              fleet.registry.feedback("beta")}
+    stored = {
+        (f["response_id"], f["adapter"], f["version"], f["score"])
+        for f in fleet.registry.feedback("beta")
+    }
     for response_id, version in served:
         number = int(version.split("@")[1])
         assert {(response_id, "beta", number, 1.0), (response_id, "beta", number, 0.5)} <= stored

@@ -177,7 +177,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ]
     with tempfile.TemporaryDirectory(prefix="lorafleet-serve-") as scratch:
         failure_file = Path(scratch) / "start-failure"
-        env = {**os.environ, CONFIG_ENV: config.to_env(), START_FAILURE_ENV: str(failure_file)}
+        env = {
+            **os.environ,
+            CONFIG_ENV: config.to_env(),
+            START_FAILURE_ENV: str(failure_file),
+            # BentoML keeps Prometheus' multiprocess files in $BENTOML_HOME and empties that
+            # directory at every start: servers on one host sharing it would wipe and mix
+            # each other's metrics. Each server gets its own.
+            "BENTOML_HOME": str(Path(scratch) / "bentoml"),
+        }
         return supervise(argv, env, failure_file)
 
 
