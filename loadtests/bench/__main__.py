@@ -17,6 +17,9 @@ Groups (all by default, in this order):
   families    B14 the hf engine on transformers' own modules / the forward pass it had
               written for Llama (a git worktree of that commit), mixed and base only;
               B15 mixed / base only on a Qwen3 base of the same size
+  replicas    B16 3 replicas on PostgreSQL + S3 behind HAProxy, Zipf traffic over 300
+              adapters: affinity routing / round robin (tok/s, cache hit rate);
+              B17 promote to served: SQLite polling / PostgreSQL NOTIFY
 
 Prints a table of ratios and writes loadtests/results/<timestamp>.json and PNG plots beside
 it. Each figure carries its setup and every repeat's value (median and min-max printed).
@@ -46,6 +49,7 @@ GROUPS = (
     "dashboard",
     "openai",
     "families",
+    "replicas",
 )
 
 
@@ -126,6 +130,10 @@ def main() -> None:
             from loadtests.bench.families import families_figures
 
             show(families_figures(work, base, home, names, setup))
+        if "replicas" in groups:
+            from loadtests.bench.replicas import replicas_figures
+
+            show(replicas_figures(work, base, setup))
 
     took = time.perf_counter() - started
     print(f"\n{'':3} {'ratio':>6}  (bench took {took / 60:.1f} min)")
