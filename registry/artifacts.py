@@ -76,6 +76,13 @@ def _regular_files(src_dir: Path) -> list[Path]:
     return sorted(p for p in src_dir.iterdir() if p.is_file() and not p.is_symlink())
 
 
+def directory_digest(src_dir: Path) -> tuple[str, int]:
+    """Digest and total size in bytes of the files a `put` of `src_dir` would store (every
+    store addresses an artifact so)."""
+    files = _regular_files(src_dir)
+    return _combine({p.name: sha256_file(p) for p in files}), sum(p.stat().st_size for p in files)
+
+
 class LocalArtifactStore:
     """Artifacts under ``ROOT/sha256/<digest>/``; temporaries under ``ROOT/tmp/``."""
 
@@ -89,11 +96,7 @@ class LocalArtifactStore:
         self._lock_path = root / ".lock"
 
     def digest_of(self, src_dir: Path) -> tuple[str, int]:
-        """Digest and total size in bytes of the files a `put` of `src_dir` would store."""
-        files = _regular_files(src_dir)
-        return _combine({p.name: sha256_file(p) for p in files}), sum(
-            p.stat().st_size for p in files
-        )
+        return directory_digest(src_dir)
 
     def put(self, src_dir: Path, expected_digest: str) -> None:
         """Store `src_dir`'s files; refuse if they no longer hash to `expected_digest`."""

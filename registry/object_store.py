@@ -30,7 +30,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from registry.artifacts import CHUNK_BYTES, _combine, _regular_files, sha256_file
+from registry.artifacts import (
+    CHUNK_BYTES,
+    _combine,
+    _regular_files,
+    directory_digest,
+    sha256_file,
+)
 from registry.errors import CorruptArtifact, InvalidAdapter, LorafleetError
 from registry.faults import pause_point
 
@@ -111,10 +117,7 @@ class FsspecArtifactStore:
     # ---- writing -----------------------------------------------------------------------
 
     def digest_of(self, src_dir: Path) -> tuple[str, int]:
-        files = _regular_files(src_dir)
-        return _combine({p.name: sha256_file(p) for p in files}), sum(
-            p.stat().st_size for p in files
-        )
+        return directory_digest(src_dir)
 
     def put(self, src_dir: Path, expected_digest: str) -> None:
         """Upload `src_dir`'s files, check what the store holds, then write the manifest."""

@@ -12,11 +12,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bentoml_build_offline(tmp_path: Path) -> None:
+def build(home: Path, name: str, *options: str) -> Path:
+    """`bentoml build` offline into `home`; the Bento's directory."""
     bentoml = str(Path(sys.executable).with_name("bentoml"))
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     out = subprocess.run(
-        [bentoml, "build", str(ROOT)],
+        [bentoml, "build", *options, str(ROOT)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -24,7 +25,12 @@ def test_bentoml_build_offline(tmp_path: Path) -> None:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    (bento,) = [p for p in (tmp_path / "bentos" / "lorafleet").iterdir() if p.name != "latest"]
+    (bento,) = [p for p in (home / "bentos" / name).iterdir() if p.name != "latest"]
+    return bento
+
+
+def test_bentoml_build_offline(tmp_path: Path) -> None:
+    bento = build(tmp_path, "lorafleet")
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert manifest["service"] == "serving.http.service:LoraFleet"
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/feedback"):
@@ -39,18 +45,7 @@ def test_bentoml_build_offline(tmp_path: Path) -> None:
 
 
 def test_the_gpu_bento_builds_offline_with_vllm_on_a_cuda_image(tmp_path: Path) -> None:
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
-    out = subprocess.run(
-        [bentoml, "build", "-f", "deploy/bento/bentofile.gpu.yaml", str(ROOT)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    (bento,) = [p for p in (tmp_path / "bentos" / "lorafleet-gpu").iterdir() if p.name != "latest"]
+    bento = build(tmp_path, "lorafleet-gpu", "-f", "deploy/bento/bentofile.gpu.yaml")
     manifest = yaml.safe_load((bento / "bento.yaml").read_text())
     assert manifest["service"] == "serving.http.service:LoraFleet"
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
