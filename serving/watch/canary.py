@@ -96,6 +96,8 @@ class CanaryWatch:
                 self.check()
             except LorafleetError as err:  # registry busy: try again next round
                 logger.warning("canary check failed: %s", err)
+            except Exception:  # anything else: logged, and the next round tries again
+                logger.exception("canary check failed")
 
     def _canaries(self, adapter: str | None = None) -> list[tuple[AliasRecord, int | None]]:
         """(canary alias, production version) of every adapter with a canary."""

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 
 from registry import Registry
-from registry.errors import LorafleetError
 from serving.watch.canary_stats import MAX_EVENTS, CanaryStats, VersionStats
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ class SharedCanaryStats(CanaryStats):
             requests, ratings = self.registry.canary_samples_since(
                 adapter, version, start, MAX_EVENTS
             )
-        except LorafleetError as err:
+        except Exception as err:
             logger.warning("pooled canary samples unreadable, using this replica's: %s", err)
             return super().since(adapter, version, start)
         return VersionStats(
@@ -91,7 +90,7 @@ class SharedCanaryStats(CanaryStats):
                 return
             try:
                 self.registry.add_canary_samples(batch)
-            except LorafleetError as err:
+            except Exception as err:  # kept for the next try; the thread must not end
                 logger.warning("pooling %d canary samples failed: %s", len(batch), err)
                 with self._pending_lock:
                     self._pending = (batch + self._pending)[-MAX_EVENTS:]
@@ -103,7 +102,7 @@ class SharedCanaryStats(CanaryStats):
                 self._pruned_at = time.time()
                 try:
                     self.registry.prune_canary_samples(time.time() - KEEP_S)
-                except LorafleetError as err:
+                except Exception as err:
                     logger.warning("pruning pooled canary samples failed: %s", err)
 
     def close(self) -> None:
