@@ -202,10 +202,11 @@ def fetch_base(url: str, out: Path, expected: str | None = None) -> BaseModelInf
     out = Path(out).expanduser().absolute()
     if out.is_dir() and expected is not None:
         try:
-            if inspect_base(out).fingerprint == expected:
-                return inspect_base(out)
+            present = inspect_base(out)
         except InvalidBaseModel:
-            pass
+            present = None
+        if present is not None and present.fingerprint == expected:
+            return present
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
     names = [Path(p).name for p in fs.ls(root, detail=False) if fs.isfile(p)]

@@ -250,11 +250,11 @@ class Registry:
                     rows = self.request_log.read(adapter)
                     copy.append(rows)
                     logged += len(rows)
-                if copy.counts() != self.request_log.counts():
+                copied, source_counts = copy.counts(), self.request_log.counts()
+                if copied != source_counts:
                     raise LorafleetError(
                         f"the request log copied to {target.location} differs from "
-                        f"{self.request_log.location}: {copy.counts()} vs "
-                        f"{self.request_log.counts()}"
+                        f"{self.request_log.location}: {copied} vs {source_counts}"
                     )
             with target.write("migrate") as txn:
                 insert_event(
