@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,19 @@ class TrainState:
     stopped_early: bool = False
     train_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
     eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
+    stages: list[list[int]] = field(default_factory=list)  # unfreezing: [step, last layers]
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(
+    model: torch.nn.Module, names: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights the run trains: `names` (the optimizer's parameters, frozen or not at this
+    step of gradual unfreezing), or those that need gradients now."""
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if (p.requires_grad if names is None else n in names)
+    }
 
 
 def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -60,12 +70,13 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     best: dict[str, torch.Tensor] | None,
+    names: Collection[str] | None = None,
 ) -> Path:
     final = directory / f"step-{state.step:08d}"
     staging = directory / f".tmp-step-{state.step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file(trainable_state(model), staging / "trainable.safetensors")
+    save_file(trainable_state(model, names), staging / "trainable.safetensors")
     if best is not None:
         save_file(best, staging / "best.safetensors")
     tensors, groups = _optimizer_tensors(optimizer)

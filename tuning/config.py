@@ -57,6 +57,24 @@ class DataConfig(BaseModel):
     """General text for the forgetting check; default: text the project generates."""
 
 
+class UnfreezeConfig(BaseModel):
+    model_config = Section
+    start_layers: int = Field(1, ge=1)
+    """Last layers whose LoRA weights train from the first step."""
+    layers_per_stage: int = Field(1, ge=1)
+    """Layers unfrozen at each stage (the next earlier ones)."""
+    every_steps: int | None = Field(None, ge=1)
+    """Optimizer steps per stage."""
+    every_epochs: float | None = Field(None, gt=0)
+    """Epochs per stage (instead of every_steps)."""
+
+    @model_validator(mode="after")
+    def _one_period(self) -> UnfreezeConfig:
+        if (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError("set exactly one of every_steps and every_epochs")
+        return self
+
+
 class MethodConfig(BaseModel):
     model_config = Section
     r: int = Field(8, ge=1, le=1024)
@@ -77,6 +95,9 @@ class MethodConfig(BaseModel):
     """Only adapt these layer indices (all layers if unset)."""
     init_from: ExistingDir | None = None
     """Start from this adapter's LoRA weights (safetensors); its rank, alpha, targets must match."""
+    unfreeze: UnfreezeConfig | None = None
+    """Gradual unfreezing, e.g. {start_layers: 2, every_steps: 50} (or every_epochs: 1,
+    layers_per_stage: 1): earlier layers keep their initial LoRA weights until their stage."""
 
 
 class TrainingConfig(BaseModel):
@@ -87,6 +108,8 @@ class TrainingConfig(BaseModel):
     """LoRA+ ratio: the B matrices train at lr * lr_ratio_b."""
     lr_modules_to_save: float | None = Field(None, gt=0, le=1)
     """Learning rate of modules_to_save (default: lr)."""
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
+    """Layer-wise rates: layer i of L trains at its rate x decay^(L-1-i) (1: off)."""
     weight_decay: float = Field(0.0, ge=0, le=1)
     """AdamW weight decay on matrices."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -244,7 +267,7 @@ def _describe(model: type[BaseModel], lines: list[str], indent: str) -> None:
         if field.description and not (
             isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
         ):
-            lines.append(f"{indent}# {field.description}")
+            lines += [f"{indent}# {line.strip()}" for line in field.description.splitlines()]
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines.append(f"{indent}{name}:")

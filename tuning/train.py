@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -43,6 +43,7 @@ from tuning.data import DataReport, Example, batches, load_examples, load_tokeni
 from tuning.errors import ConfigError, PackingUnsupported
 from tuning.evaluation import evaluate, mean_loss
 from tuning.plots import plot_losses
+from tuning.strategies import Unfreezing, depths, describe_groups, param_groups
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -75,32 +76,6 @@ def lr_factor(step: int, total: int, config: TrainingConfig) -> float:
     if config.schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def param_groups(model: torch.nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
-    """LoRA A (and DoRA magnitudes) at lr, B at lr * lr_ratio_b (LoRA+), saved modules at
-    lr_modules_to_save; weight decay on matrices only."""
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        kind = "b" if "lora_B" in name else "saved" if "modules_to_save" in name else "a"
-        groups.setdefault((kind, param.ndim >= 2), []).append(param)
-    rates = {
-        "a": config.lr,
-        "b": config.lr * config.lr_ratio_b,
-        "saved": config.lr_modules_to_save or config.lr,
-    }
-    return [
-        {
-            "params": params,
-            "lr": rates[kind],
-            "initial_lr": rates[kind],
-            "weight_decay": config.weight_decay if decay else 0.0,
-            "name": f"{kind}{'' if decay else '-nodecay'}",
-        }
-        for (kind, decay), params in sorted(groups.items(), key=lambda item: item[0])
-    ]
 
 
 def check_packing(model: torch.nn.Module, pad_id: int) -> None:
@@ -192,8 +167,10 @@ def train_loop(
     held_out: list[Example],
     pad_id: int,
     run_dir: Path,
+    observe: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
 ) -> TrainState:
-    """The optimisation loop; returns the final state with the best weights loaded."""
+    """The optimisation loop; returns the final state with the best weights loaded.
+    `observe(state, optimizer)` runs after every optimizer step."""
     from tqdm import tqdm
 
     t = config.training
@@ -211,25 +188,46 @@ def train_loop(
         )
     )
     steps = total_steps(config, n_micro, world)
-    optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
+    unfreeze = config.method.unfreeze
+    groups = param_groups(model, t, by_layer=unfreeze is not None)
+    if rank == 0:
+        logger.info("optimizer groups:\n%s", describe_groups(groups))
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    stages = (
+        Unfreezing.checked(unfreeze, depths(model)[1], math.ceil(n_micro / per_step))
+        if unfreeze is not None
+        else None
+    )
     state, best = TrainState(), None
     checkpoint_dir = run_dir / "checkpoints"
     last = latest_checkpoint(checkpoint_dir) if t.resume else None
     if last is not None:
         state, best = load_checkpoint(last, model, optimizer)
         logger.info("resumed from %s (step %d of %d)", last, state.step, steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    if stages is not None and rank == 0 and stages.all_trainable_at() >= steps:
+        logger.warning(
+            "method.unfreeze: the first layers would join at step %d of %d; they never train",
+            stages.all_trainable_at(),
+            steps,
+        )
+    trainable = [p for group in groups for p in group["params"]]
     ddp: PeftModel | DistributedDataParallel = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model)
     stream = micro_batch_stream(train, config, pad_id, state.step * per_step)
     interactive = rank == 0 and sys.stderr.isatty()
     bar = tqdm(total=steps, initial=state.step, disable=not interactive, desc="tune", unit="step")
     model.train()
     started, tokens_at_start = time.perf_counter(), state.tokens
     while state.step < steps and not state.stopped_early:
+        changed = stages is not None and stages.apply(optimizer.param_groups, state.step)
+        if stages is not None and changed:
+            layers = stages.trainable_layers(state.step)
+            if not state.stages or state.stages[-1][1] != layers:
+                state.stages.append([state.step, layers])
+                if rank == 0:
+                    logger.info("step %d: the last %d layers train", state.step, layers)
+        if world > 1 and (changed or ddp is model):
+            ddp = _wrap(model, world)  # DDP hooks only the parameters that need gradients
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(state.step, steps, t)
         micro = [next(stream) for _ in range(per_step)][rank::world]
@@ -246,6 +244,8 @@ def train_loop(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if observe is not None:
+            observe(state, optimizer)
         state.train_losses.append([state.step, loss_sum])
         if state.step % t.log_every == 0 or state.step == steps:
             rate = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
@@ -253,7 +253,7 @@ def train_loop(
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if state.step % t.eval_every == 0 or state.step == steps:
-            best = _evaluate_step(model, held_out, config, pad_id, state, best)
+            best = _evaluate_step(model, held_out, config, pad_id, state, best, trained)
             model.train()
             if rank == 0 and not interactive:
                 rate = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
@@ -268,13 +268,23 @@ def train_loop(
                 )
         if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < steps:
             if rank == 0:
-                path = save_checkpoint(checkpoint_dir, state, model, optimizer, best)
+                path = save_checkpoint(checkpoint_dir, state, model, optimizer, best, trained)
                 logger.info("checkpoint %s", path.name)
             pause_point("tune.checkpointed")
     bar.close()
+    for param in trainable:  # a run that ended mid-stage leaves no layer frozen
+        param.requires_grad_(True)
     if best is not None:
         load_trainable(model, best)
     return state
+
+
+def _wrap(model: PeftModel, world: int) -> PeftModel | DistributedDataParallel:
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
 
 
 def _evaluate_step(
@@ -284,6 +294,7 @@ def _evaluate_step(
     pad_id: int,
     state: TrainState,
     best: dict[str, torch.Tensor] | None,
+    trained: set[str],
 ) -> dict[str, torch.Tensor] | None:
     """Eval loss for the curve and early stopping; every process computes the same value,
     so all of them take the same decision."""
@@ -293,7 +304,7 @@ def _evaluate_step(
     state.eval_losses.append([state.step, loss])
     if state.best_eval_loss is None or loss < state.best_eval_loss - t.early_stopping_min_delta:
         state.best_eval_loss, state.best_step, state.bad_evals = loss, state.step, 0
-        return trainable_state(model)
+        return trainable_state(model, trained)
     state.bad_evals += 1
     if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
         state.stopped_early = True
@@ -394,6 +405,8 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         "processes": world,
         "eval_losses": state.eval_losses,
     }
+    if state.stages:
+        metrics["train"]["unfreeze_stages"] = state.stages  # [first step, last layers trained]
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(adapter_dir))  # peft annotates save_directory as str
     profile = build_profile(

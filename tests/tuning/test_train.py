@@ -21,55 +21,24 @@ from safetensors.torch import load_file
 from registry import Registry
 from registry.profile import BaselineProfile
 from registry.scoring import exact_match, token_f1
-from tuning.config import TrainingConfig, TuneConfig, load_config
+from tuning.config import TrainingConfig
 from tuning.train import lr_factor, param_groups, run
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
-
-
-@pytest.fixture(scope="module")
-def task_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("task")
-    rows = [
-        {"prompt": f"Add: {a} + {b} =", "completion": f" {a + b}"}
-        for a in range(8)
-        for b in range(8)
-    ]
-    train, held_out = root / "train.jsonl", root / "eval.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:52]))
-    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[52:]))
-    return train, held_out
-
-
-def make_config(base: Path, files: tuple[Path, Path], out: Path, **overrides: object) -> TuneConfig:
-    raw = [
-        f"base={base}",
-        f"data.train=[{files[0]}]",
-        f"data.eval=[{files[1]}]",
-        "data.max_length=32",
-        f"output.dir={out}",
-        "method.r=4",
-        "training.batch_size=8",
-        "training.max_steps=12",
-        "training.eval_every=4",
-        "training.lr=3e-3",
-        "evaluation.max_new_tokens=4",
-        "evaluation.max_examples=12",
-    ]
-    raw += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(None, raw)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_same_seed_same_adapter_weights(tiny_base: Path, task_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    first = run(make_config(tiny_base, task_files, tmp_path / "a"))
-    run(make_config(tiny_base, task_files, tmp_path / "b"))
+def test_same_seed_same_adapter_weights(
+    tiny_base: Path, task_files, tune_config, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    first = run(tune_config(tiny_base, task_files, tmp_path / "a"))
+    run(tune_config(tiny_base, task_files, tmp_path / "b"))
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    run(make_config(tiny_base, task_files, tmp_path / "c", **{"training.seed": 1}))
+    run(tune_config(tiny_base, task_files, tmp_path / "c", **{"training.seed": 1}))
     c = weights(tmp_path / "c")
     assert any(not torch.equal(a[k], c[k]) for k in a)
     # The run learned: adapter loss below the base's on held-out data.
@@ -80,6 +49,7 @@ def test_same_seed_same_adapter_weights(tiny_base: Path, task_files, tmp_path: P
 def test_resume_after_kill_equals_uninterrupted_run(
     tiny_base: Path,
     task_files,
+    tune_config,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     # Dropout and early-stopping state must survive the restart too.
@@ -88,9 +58,9 @@ def test_resume_after_kill_equals_uninterrupted_run(
         "training.early_stopping_patience": 5,
         "method.dropout": 0.1,
     }
-    run(make_config(tiny_base, task_files, tmp_path / "straight", **overrides))
+    run(tune_config(tiny_base, task_files, tmp_path / "straight", **overrides))
 
-    config = make_config(tiny_base, task_files, tmp_path / "killed", **overrides)
+    config = tune_config(tiny_base, task_files, tmp_path / "killed", **overrides)
     config_path = tmp_path / "killed.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
     env = {**os.environ, "LORAFLEET_PAUSE_AT": "tune.checkpointed"}
@@ -120,10 +90,12 @@ def test_resume_after_kill_equals_uninterrupted_run(
     )  # evals from before the kill kept
 
 
-def test_lora_plus_groups_and_schedule(tiny_base: Path, task_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_lora_plus_groups_and_schedule(
+    tiny_base: Path, task_files, tune_config, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     from tuning.train import build_model
 
-    config = make_config(
+    config = tune_config(
         tiny_base,
         task_files,
         tmp_path,
@@ -148,10 +120,12 @@ def test_lora_plus_groups_and_schedule(tiny_base: Path, task_files, tmp_path: Pa
     assert lr_factor(99, 100, TrainingConfig(schedule="linear")) == pytest.approx(0.01)
 
 
-def test_early_stopping_keeps_best_weights(tiny_base: Path, task_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_early_stopping_keeps_best_weights(
+    tiny_base: Path, task_files, tune_config, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     # A learning rate far too high makes the eval loss rise after the first eval.
     result = run(
-        make_config(
+        tune_config(
             tiny_base,
             task_files,
             tmp_path,
@@ -180,11 +154,12 @@ def test_metric_functions_on_known_cases() -> None:
 def test_register_records_complete_metadata(
     tiny_base: Path,
     task_files,
+    tune_config,
     tmp_path: Path,
     cli: Callable[..., object],  # type: ignore[no-untyped-def]
 ) -> None:
     home = tmp_path / "home"
-    config = make_config(
+    config = tune_config(
         tiny_base,
         task_files,
         tmp_path / "run",
@@ -228,8 +203,8 @@ def test_register_records_complete_metadata(
     assert "exact_match" in shown.stdout and "dataset" in shown.stdout
 
 
-def test_two_processes_with_gloo(tiny_base: Path, task_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    config = make_config(
+def test_two_processes_with_gloo(tiny_base: Path, task_files, tune_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = tune_config(
         tiny_base,
         task_files,
         tmp_path / "ddp",
@@ -257,6 +232,7 @@ def test_two_processes_with_gloo(tiny_base: Path, task_files, tmp_path: Path) ->
 def test_packed_training_learns_and_base_numbers_are_the_plain_model(
     tiny_base: Path,
     task_files,
+    tune_config,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -264,7 +240,7 @@ def test_packed_training_learns_and_base_numbers_are_the_plain_model(
     from tuning.data import load_examples
     from tuning.evaluation import mean_loss
 
-    config = make_config(
+    config = tune_config(
         tiny_base, task_files, tmp_path, **{"data.packing": True, "training.max_steps": 20}
     )
     metrics = run(config).metadata.metrics
@@ -281,13 +257,14 @@ def test_registry_of_another_base_refuses_before_training(
     tiny_base: Path,
     other_base: Path,
     task_files,
+    tune_config,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     from registry.errors import AlreadyInitialized
 
     home = tmp_path / "home"
     Registry.create(home, other_base).close()
-    config = make_config(
+    config = tune_config(
         tiny_base, task_files, tmp_path / "run", **{"register.name": "adder", "register.home": home}
     )
     with pytest.raises(AlreadyInitialized, match="is bound to base"):
