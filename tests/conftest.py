@@ -39,6 +39,16 @@ LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, `kill`) interrupts the run as Ctrl-C does, so the fixtures'
+    finalizers stop every server they started; its default action skips them."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 @dataclass(frozen=True)
 class Result:
     returncode: int

@@ -31,6 +31,8 @@ import argparse
 import json
 import os
 import platform
+import signal
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -53,7 +55,15 @@ GROUPS = (
 )
 
 
+def _exit(signum: int, _frame: object) -> None:
+    """SIGTERM / SIGHUP end the run as an exception does, so every server it started is
+    stopped and its temporary directory removed (the default action skips both)."""
+    sys.exit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGHUP, _exit)
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog=__doc__.split("\n\n", 2)[2],
