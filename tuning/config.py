@@ -55,6 +55,11 @@ class DataConfig(BaseModel):
     """Pack short examples into rows of max_length tokens, without attention across them."""
     reference_text: ExistingFile | None = None
     """General text for the forgetting check; default: text the project generates."""
+    replay: float = Field(0.0, ge=0, lt=1)
+    """Share of every batch drawn from general text, against forgetting (0: off)."""
+    replay_text: ExistingFile | None = None
+    """General text to replay (paragraphs separated by blank lines); default: the
+    forgetting check's source, never the windows it measures."""
 
 
 class UnfreezeConfig(BaseModel):
@@ -208,6 +213,18 @@ class TuneConfig(BaseModel):
     # "register" would shadow BaseModel.register (from ABCMeta); YAML keeps the short name.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
     """Where and under which name the result is registered."""
+
+    @model_validator(mode="after")
+    def _replay_rows(self) -> TuneConfig:
+        size, share = self.training.batch_size, self.data.replay
+        rows = round(share * size)
+        if share and not 1 <= rows <= size - 1:
+            raise ValueError(
+                f"data.replay {share} of training.batch_size {size} gives {rows} replayed "
+                f"rows per batch; it must leave 1 to {size - 1}: change data.replay or raise "
+                "training.batch_size"
+            )
+        return self
 
     @model_validator(mode="after")
     def _base_exists(self) -> TuneConfig:

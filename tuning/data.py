@@ -307,23 +307,43 @@ def batches(
     pad_id: int,
     seed: int,
     epoch: int,
+    replay: Sequence[Example] = (),
+    replay_rows: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of one epoch, in an order fixed by (seed, epoch)."""
+    """The micro-batches of one epoch, in an order fixed by (seed, epoch). With replay,
+    each batch is batch_size - replay_rows rows of the task and replay_rows windows of
+    `replay` (drawn in a shuffled order, reshuffled at every pass), so an epoch is still
+    one pass over the task."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = [examples[i] for i in torch.randperm(len(examples), generator=generator).tolist()]
-    if not packing:
-        return [
-            pad_batch(order[i : i + batch_size], pad_id) for i in range(0, len(order), batch_size)
-        ]
-    rows: list[list[Example]] = [[]]
-    used = 0
-    for ex in order:
-        if used + len(ex.input_ids) > max_length and rows[-1]:
-            rows.append([])
-            used = 0
-        rows[-1].append(ex)
-        used += len(ex.input_ids)
-    return [pack_batch(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
+    rows: list[list[Example]] = [[ex] for ex in order]
+    if packing:
+        rows, used = [[]], 0
+        for ex in order:
+            if used + len(ex.input_ids) > max_length and rows[-1]:
+                rows.append([])
+                used = 0
+            rows[-1].append(ex)
+            used += len(ex.input_ids)
+    task_rows = batch_size - replay_rows if replay else batch_size
+    drawn = _cycle(replay, random.Random(seed * 100_003 + epoch))
+    out = []
+    for i in range(0, len(rows), task_rows):
+        group = rows[i : i + task_rows]
+        if replay:
+            group += [[next(drawn)] for _ in range(replay_rows)]
+        out.append(
+            pack_batch(group, pad_id) if packing else pad_batch([r[0] for r in group], pad_id)
+        )
+    return out
+
+
+def _cycle(items: Sequence[Example], rng: random.Random) -> Iterator[Example]:
+    """`items` in shuffled passes without end (nothing when there are none)."""
+    while items:
+        order = list(items)
+        rng.shuffle(order)
+        yield from order
 
 
 def chunks(items: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,13 +14,11 @@ import torch.nn.functional as F
 
 from registry.scoring import exact_match, token_f1
 from tuning.config import DataConfig, EvaluationConfig
-from tuning.corpus import paragraphs
 from tuning.data import IGNORE, Example, chunks, pad_batch
+from tuning.replay import reference_set
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-REFERENCE_SEED = 12345  # generated reference text differs from the tokenizer's corpus
 
 
 @torch.no_grad()
@@ -72,25 +69,6 @@ def generate(
         )
         out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return out
-
-
-def reference_examples(
-    tokenizer: PreTrainedTokenizerBase, path: Path | None, window: int
-) -> list[Example]:
-    """General text cut into windows of at most `window` tokens (nothing dropped)."""
-    texts = path.read_text().split("\n\n") if path else paragraphs(48, seed=REFERENCE_SEED)
-    ids = [t for text in texts if text.strip() for t in tokenizer(text.strip())["input_ids"]]
-    return [
-        Example(ids[i : i + window], ids[i : i + window], [])
-        for i in range(0, len(ids), window)
-        if len(ids[i : i + window]) > 1
-    ]
-
-
-def reference_set(tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> list[Example]:
-    """The forgetting check's general text: `data.reference_text` (default: generated
-    text) in windows of min(max_length, 256) tokens."""
-    return reference_examples(tokenizer, data.reference_text, min(data.max_length, 256))
 
 
 def _score(

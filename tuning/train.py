@@ -43,6 +43,7 @@ from tuning.data import DataReport, Example, batches, load_examples, load_tokeni
 from tuning.errors import ConfigError, PackingUnsupported
 from tuning.evaluation import evaluate, mean_loss
 from tuning.plots import plot_losses
+from tuning.replay import replay_rows, replay_set
 from tuning.strategies import Unfreezing, depths, describe_groups, param_groups
 
 if TYPE_CHECKING:
@@ -137,23 +138,30 @@ def total_steps(config: TuneConfig, micro_batches: int, world: int) -> int:
     return max(1, math.ceil(config.training.epochs * micro_batches / per_step))
 
 
+def epoch_batches(
+    train: list[Example], config: TuneConfig, pad_id: int, epoch: int, replay: list[Example]
+) -> list[dict[str, torch.Tensor]]:
+    t = config.training
+    return batches(
+        train,
+        batch_size=t.batch_size,
+        max_length=config.data.max_length,
+        packing=config.data.packing,
+        pad_id=pad_id,
+        seed=t.seed,
+        epoch=epoch,
+        replay=replay,
+        replay_rows=replay_rows(config.data, t.batch_size),
+    )
+
+
 def micro_batch_stream(
-    train: list[Example], config: TuneConfig, pad_id: int, start: int
+    train: list[Example], config: TuneConfig, pad_id: int, start: int, replay: list[Example]
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Every micro-batch of the run in order, from the `start`-th on (resume)."""
-    t = config.training
     epoch, index = 0, 0
     while True:
-        epoch_batches = batches(
-            train,
-            batch_size=t.batch_size,
-            max_length=config.data.max_length,
-            packing=config.data.packing,
-            pad_id=pad_id,
-            seed=t.seed,
-            epoch=epoch,
-        )
-        for batch in epoch_batches:
+        for batch in epoch_batches(train, config, pad_id, epoch, replay):
             if index >= start:
                 yield batch
             index += 1
@@ -167,26 +175,19 @@ def train_loop(
     held_out: list[Example],
     pad_id: int,
     run_dir: Path,
+    *,
+    replay: list[Example] = [],  # noqa: B006  (read only)
     observe: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
 ) -> TrainState:
     """The optimisation loop; returns the final state with the best weights loaded.
+    `replay`: general-text windows mixed into every batch (data.replay);
     `observe(state, optimizer)` runs after every optimizer step."""
     from tqdm import tqdm
 
     t = config.training
     rank, world = _rank_world()
     per_step = t.grad_accum * world
-    n_micro = len(
-        batches(
-            train,
-            batch_size=t.batch_size,
-            max_length=config.data.max_length,
-            packing=config.data.packing,
-            pad_id=pad_id,
-            seed=t.seed,
-            epoch=0,
-        )
-    )
+    n_micro = len(epoch_batches(train, config, pad_id, 0, replay))
     steps = total_steps(config, n_micro, world)
     unfreeze = config.method.unfreeze
     groups = param_groups(model, t, by_layer=unfreeze is not None)
@@ -213,7 +214,7 @@ def train_loop(
         )
     trainable = [p for group in groups for p in group["params"]]
     ddp: PeftModel | DistributedDataParallel = model
-    stream = micro_batch_stream(train, config, pad_id, state.step * per_step)
+    stream = micro_batch_stream(train, config, pad_id, state.step * per_step, replay)
     interactive = rank == 0 and sys.stderr.isatty()
     bar = tqdm(total=steps, initial=state.step, disable=not interactive, desc="tune", unit="step")
     model.train()
@@ -389,7 +390,17 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
     model = build_model(config, base)
     if config.data.packing:
         check_packing(model, tokenizer.pad_token_id)
-    state = train_loop(config, model, train, held_out, tokenizer.pad_token_id, run_dir)
+    replay = replay_set(tokenizer, config.data)
+    if replay:
+        logger.info(
+            "replay: %d of every %d rows from %d windows of general text",
+            replay_rows(config.data, config.training.batch_size),
+            config.training.batch_size,
+            len(replay),
+        )
+    state = train_loop(
+        config, model, train, held_out, tokenizer.pad_token_id, run_dir, replay=replay
+    )
     if rank != 0:
         torch.distributed.barrier()  # process 0 evaluates, saves and registers meanwhile
         torch.distributed.destroy_process_group()
@@ -407,6 +418,12 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
     }
     if state.stages:
         metrics["train"]["unfreeze_stages"] = state.stages  # [first step, last layers trained]
+    if replay:
+        metrics["train"]["replay"] = {
+            "share": config.data.replay,
+            "rows_per_batch": replay_rows(config.data, config.training.batch_size),
+            "windows": len(replay),
+        }
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(adapter_dir))  # peft annotates save_directory as str
     profile = build_profile(
@@ -469,8 +486,9 @@ def recorded_config(config: TuneConfig) -> dict[str, Any]:
     data["output"]["dir"] = str(config.output.dir.absolute())
     data["data"]["train"] = [str(p.absolute()) for p in config.data.train]
     data["data"]["eval"] = [str(p.absolute()) for p in config.data.eval]
-    if config.data.reference_text is not None:
-        data["data"]["reference_text"] = str(config.data.reference_text.absolute())
+    for key in ("reference_text", "replay_text"):
+        if (path := getattr(config.data, key)) is not None:
+            data["data"][key] = str(path.absolute())
     if config.method.init_from is not None:
         data["method"]["init_from"] = str(config.method.init_from.absolute())
     return data

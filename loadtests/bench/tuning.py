@@ -72,8 +72,8 @@ def timed(function, key):
             clock[key] += time.perf_counter() - started
     return wrapper
 
-def counted(examples, config, pad_id, start):
-    for batch in stream(examples, config, pad_id, start):
+def counted(*args, **kwargs):
+    for batch in stream(*args, **kwargs):
         mask = batch.get("attention_mask")
         real = mask.sum() if mask is not None else (batch["input_ids"] != pad_id).sum()
         clock["tokens"] += int(real)

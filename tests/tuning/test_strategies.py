@@ -99,7 +99,9 @@ def test_unfreezing_keeps_earlier_layers_at_their_initial_weights(
                 )
         seen.append(row)
 
-    state = train_loop(config, model, train, held_out, tokenizer.pad_token_id, tmp_path, observe)
+    state = train_loop(
+        config, model, train, held_out, tokenizer.pad_token_id, tmp_path, observe=observe
+    )
     assert state.stages == [[0, 1], [3, 2]]
     assert len(seen) == 7
     for row in seen:
@@ -154,3 +156,57 @@ def test_unfreeze_settings_are_checked(
     with pytest.raises(ConfigError, match="start_layers 2 leaves nothing frozen: the base has 2"):
         run(config)
 
+
+def test_replay_batches_hold_the_configured_share() -> None:
+    from tuning.data import Example, batches
+
+    task = [Example([5, 6, 7 + i % 3], [-100, 6, 7 + i % 3], [5]) for i in range(30)]
+    replay = [Example([99] * 4, [99] * 4, []) for _ in range(7)]
+    # 6 task rows a batch: 30 examples alone, or 6 packed rows of 5 (3 tokens each, 16 a row).
+    for packing, expected in ((False, 5), (True, 1)):
+        out = batches(
+            task,
+            batch_size=8,
+            max_length=16 if packing else 32,
+            packing=packing,
+            pad_id=0,
+            seed=0,
+            epoch=0,
+            replay=replay,
+            replay_rows=2,
+        )
+        replayed = [int((b["input_ids"] == 99).any(dim=1).sum()) for b in out]
+        assert replayed == [2] * len(out)
+        task_tokens = sum(int((b["input_ids"] == 5).sum()) for b in out)
+        assert task_tokens == 30  # one pass over the task, nothing dropped
+        assert len(out) == expected and all(len(b["input_ids"]) == 8 for b in out)
+    plain = batches(task, batch_size=8, max_length=32, packing=False, pad_id=0, seed=0, epoch=0)
+    assert len(plain) == 4 and not any(bool((b["input_ids"] == 99).any()) for b in plain)
+
+
+def test_replay_run_records_its_share_and_keeps_the_check_apart(
+    tiny_base: Path, task_files, tune_config, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from tuning.data import load_tokenizer
+    from tuning.replay import reference_set, replay_set
+
+    text = tmp_path / "general.txt"
+    text.write_text(
+        "\n\n".join(f"Paragraph {i}: the server answers every request." for i in range(40))
+    )
+    config = tune_config(
+        tiny_base,
+        task_files,
+        tmp_path / "run",
+        **{"data.replay": 0.25, "data.reference_text": text, "training.max_steps": 4},
+    )
+    tokenizer = load_tokenizer(tiny_base)
+    checked = {tuple(e.input_ids) for e in reference_set(tokenizer, config.data)}
+    replayed = {tuple(e.input_ids) for e in replay_set(tokenizer, config.data)}
+    assert checked and replayed and not checked & replayed  # never trained on what is checked
+    without = tune_config(tiny_base, task_files, tmp_path / "x", **{"data.reference_text": text})
+    assert len(reference_set(tokenizer, without.data)) == len(checked) + len(replayed)
+    train = run(config).metadata.metrics["train"]
+    assert train["replay"] == {"share": 0.25, "rows_per_batch": 2, "windows": len(replayed)}
+    with pytest.raises(ConfigError, match=r"data.replay 0.05 of training.batch_size 8 gives 0"):
+        tune_config(tiny_base, task_files, tmp_path, **{"data.replay": 0.05})
