@@ -1,8 +1,10 @@
 """Synthetic tasks for the examples: `python examples/tasks.py [--out examples/data]`.
 
 Three completion tasks whose answers cannot be confused: a sentiment label
-(positive/negative), a topic label (sports/food/travel/music) and a sum of two numbers.
-Each is generated from its own seed, so the files are the same on every machine.
+(positive/negative), a topic label (sports/food/travel/music) and a sum of two numbers;
+and the sentiment task's reviews as a classification task (`text`, `label`: the rows of
+the sentiment task, same seed). Each is generated from its own seed, so the files are the
+same on every machine.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ def sentiment(rng: random.Random) -> Row:
     }
 
 
+def sentiment_classes(rng: random.Random) -> Row:
+    row = sentiment(rng)
+    review = row["prompt"].removeprefix("Review: ").removesuffix("\nSentiment:")
+    return {"text": review, "label": row["completion"].strip()}
+
+
 def topic(rng: random.Random) -> Row:
     name = rng.choice(sorted(TOPICS))
     words = rng.sample(TOPICS[name], 3)
@@ -55,6 +63,7 @@ TASKS: dict[str, tuple[int, Callable[[random.Random], Row]]] = {
     "sentiment": (1, sentiment),
     "topic": (2, topic),
     "arithmetic": (3, arithmetic),
+    "sentiment-classes": (1, sentiment_classes),
 }
 
 

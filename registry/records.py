@@ -70,6 +70,8 @@ class VersionMetadata(BaseModel):
     """Training wall time in seconds."""
     tokens_per_s: float | None = Field(default=None, ge=0)
     """Training throughput in tokens per second."""
+    labels: list[str] | None = None
+    """Class labels of a classification adapter, in the order of its head's rows."""
 
 
 @dataclass(frozen=True)

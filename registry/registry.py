@@ -526,8 +526,8 @@ class Registry:
         """Validate and store an adapter directory as the next version of `adapter`."""
         check_name(adapter)
         source = Path(adapter_dir).expanduser().absolute()
-        report = validate_adapter(source, self.base, self.max_rank)
         meta = load_metadata(source, metadata)
+        report = validate_adapter(source, self.base, self.max_rank, meta.labels)
         meta.base_fingerprint = self._claimed_base(source, report, meta, assume_base)
         digest, size = self.artifacts.digest_of(source)
         self._refuse_duplicate(adapter, digest)

@@ -30,6 +30,7 @@ LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_-
 EMBEDDING_KEY = re.compile(
     r"(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?"
 )
+HEAD_KEY = re.compile(r"(?P<module>score|classifier)\.(?P<part>weight|bias)")
 MAGNITUDE_KEY = re.compile(
     r"(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?"
 )
@@ -43,24 +44,29 @@ class AdapterReport:
     alpha: float
     target_modules: list[str]  # distinct leaf names, e.g. ["k_proj", "q_proj"]
     modules: int  # number of adapted modules
-    features: list[str]  # dora, rslora, modules_to_save, rank_pattern, embedding, bias
+    features: list[str]  # dora, rslora, modules_to_save, rank_pattern, embedding, bias, classifier
     # engine -> why it cannot serve this adapter; engines absent here can serve it
     unservable: dict[str, str] = field(default_factory=dict)
     peft_config: dict[str, object] = field(default_factory=dict)
+    labels: list[str] | None = None  # a classifier's labels, in its head's row order
 
     @property
     def engines(self) -> list[str]:
         return [e for e in ("hf", "vllm") if e not in self.unservable]
 
 
-def validate_adapter(adapter_dir: Path, base: BaseModelInfo, max_rank: int) -> AdapterReport:
-    """Check an adapter directory; return its report or raise an InvalidAdapter subclass."""
+def validate_adapter(
+    adapter_dir: Path, base: BaseModelInfo, max_rank: int, labels: list[str] | None = None
+) -> AdapterReport:
+    """Check an adapter directory; return its report or raise an InvalidAdapter subclass.
+    `labels`: a classifier's labels (lorafleet.json), which its head must have rows for."""
     _check_files(adapter_dir)
     config = _read_config(adapter_dir)
     rank, alpha = _check_rank_alpha(adapter_dir, config)
     tensors = _read_weights(adapter_dir)
     shapes = base.module_shapes()
     _check_target_modules(config, shapes, base)
+    classifier = _check_head(adapter_dir, config, tensors, base, labels)
     modules, embedding = _check_tensors(tensors, config, base, rank)
     rank_pattern = config.get("rank_pattern") or {}
     assert isinstance(rank_pattern, dict)
@@ -71,7 +77,7 @@ def validate_adapter(adapter_dir: Path, base: BaseModelInfo, max_rank: int) -> A
             f"retrain with r <= {max_rank}, or use a registry created with "
             f"`lorafleet registry init --max-rank {top_rank}`"
         )
-    features, unservable = _features(config, embedding)
+    features, unservable = _features(config, embedding, classifier)
     return AdapterReport(
         rank=top_rank,
         alpha=alpha,
@@ -80,7 +86,64 @@ def validate_adapter(adapter_dir: Path, base: BaseModelInfo, max_rank: int) -> A
         features=features,
         unservable=unservable,
         peft_config=config,
+        labels=labels if classifier else None,
     )
+
+
+def hidden_size(base: BaseModelInfo) -> int | None:
+    """The width of the base's hidden states: its token embedding's second dimension."""
+    for suffix in ("embed_tokens.weight", "wte.weight", "word_embeddings.weight"):
+        for name, shape in base.params.items():
+            if name.endswith(suffix) and len(shape) == 2:
+                return shape[1]
+    return None
+
+
+def _check_head(
+    adapter_dir: Path,
+    config: dict[str, object],
+    tensors: dict[str, TensorInfo],
+    base: BaseModelInfo,
+    labels: list[str] | None,
+) -> bool:
+    """A sequence-classification adapter (task_type SEQ_CLS) must hold a head of one row per
+    label over the base's hidden size; True when the adapter is one."""
+    heads = {
+        key: info
+        for key, info in tensors.items()
+        if HEAD_KEY.fullmatch(key.removeprefix(PEFT_PREFIX))
+    }
+    if str(config.get("task_type") or "").upper() != "SEQ_CLS":
+        return False
+    where = adapter_dir / CONFIG_FILE
+    weight = next((i for k, i in heads.items() if k.endswith(".weight")), None)
+    if weight is None:
+        raise AdapterWeightsError(
+            f"{where} has task_type SEQ_CLS but {WEIGHTS_FILE} holds no classification head "
+            "(score.weight or classifier.weight); save the trained classifier with peft again"
+        )
+    if not labels:
+        raise AdapterConfigError(
+            f"classifier {adapter_dir} has no labels: its lorafleet.json needs \"labels\", "
+            f"the {weight.shape[0]} class names in the head's row order (lorafleet tune writes it)"
+        )
+    if len(set(labels)) != len(labels):
+        raise AdapterConfigError(f"classifier {adapter_dir} repeats a label in {labels}")
+    hidden = hidden_size(base)
+    want = (len(labels), hidden if hidden is not None else weight.shape[-1])
+    if weight.shape != want:
+        raise AdapterWeightsError(
+            f"classification head of {adapter_dir} has shape {list(weight.shape)} but "
+            f"{len(labels)} labels {labels} over the base's hidden size {hidden} need "
+            f"{list(want)}; the labels in lorafleet.json or the base do not match the head"
+        )
+    for key, info in heads.items():
+        if key.endswith(".bias") and info.shape != (len(labels),):
+            raise AdapterWeightsError(
+                f"tensor {key!r} has shape {list(info.shape)}; the head's bias needs "
+                f"[{len(labels)}], one per label"
+            )
+    return True
 
 
 def _check_files(adapter_dir: Path) -> None:
@@ -226,6 +289,8 @@ def _check_tensors(
             _require_module(key, module, shapes)
             pairs.setdefault(module, {})[match["part"]] = info.shape
             continue
+        if HEAD_KEY.fullmatch(name) and str(config.get("task_type") or "").upper() == "SEQ_CLS":
+            continue  # the classification head: checked by _check_head
         if (magnitude := MAGNITUDE_KEY.fullmatch(name)) is not None:
             module = magnitude["module"]
             _require_module(key, module, shapes)
@@ -294,7 +359,9 @@ def _check_pair(
         )
 
 
-def _features(config: dict[str, object], embedding: bool) -> tuple[list[str], dict[str, str]]:
+def _features(
+    config: dict[str, object], embedding: bool, classifier: bool = False
+) -> tuple[list[str], dict[str, str]]:
     """Options beyond plain LoRA on linear layers, and the engines that cannot serve them
     (the hf engine routes stacked A/B matrices per row; vLLM's LoRA kernels likewise)."""
     features: list[str] = []
@@ -309,7 +376,12 @@ def _features(config: dict[str, object], embedding: bool) -> tuple[list[str], di
         refuse("dora", "DoRA adapters")
     if config.get("use_rslora"):
         features.append("rslora")
-    if config.get("modules_to_save"):
+    saved = set(config.get("modules_to_save") or [])  # type: ignore[call-overload]
+    if classifier:
+        features.append("classifier")
+        unservable["vllm"] = "the vllm engine does not serve classification adapters"
+        saved -= {"score", "classifier"}  # the head: served by the hf engine at /v1/classify
+    if saved:
         refuse("modules_to_save", "modules_to_save")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         features.append("rank_pattern")

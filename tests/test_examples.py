@@ -14,6 +14,7 @@ from tuning.train import run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TASKS = ["sentiment", "topic", "arithmetic"]
+DATA = [*TASKS, "sentiment-classes"]  # the classification example: tests/tuning/test_classify.py
 
 
 def test_committed_data_is_what_the_generator_writes(tmp_path: Path) -> None:
@@ -22,7 +23,7 @@ def test_committed_data_is_what_the_generator_writes(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    for task in TASKS:
+    for task in DATA:
         for split in ("train", "eval"):
             committed = (EXAMPLES / "data" / task / f"{split}.jsonl").read_bytes()
             assert (tmp_path / task / f"{split}.jsonl").read_bytes() == committed

@@ -55,6 +55,9 @@ class DataConfig(BaseModel):
     """Pack short examples into rows of max_length tokens, without attention across them."""
     reference_text: ExistingFile | None = None
     """General text for the forgetting check; default: text the project generates."""
+    labels: list[str] | None = Field(None, min_length=2)
+    """Classification: the class labels in the head's order (default: the training data's,
+    sorted); a row with another label is refused."""
     replay: float = Field(0.0, ge=0, lt=1)
     """Share of every batch drawn from general text, against forgetting (0: off)."""
     replay_text: ExistingFile | None = None
@@ -115,6 +118,8 @@ class TrainingConfig(BaseModel):
     """Learning rate of modules_to_save (default: lr)."""
     layer_lr_decay: float = Field(1.0, gt=0, le=1)
     """Layer-wise rates: layer i of L trains at its rate x decay^(L-1-i) (1: off)."""
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    """Classification loss weights: none, balanced (n / (k x count)) or label -> weight."""
     weight_decay: float = Field(0.0, ge=0, le=1)
     """AdamW weight decay on matrices."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -205,6 +210,9 @@ class TuneConfig(BaseModel):
     """Base model directory (a Hugging Face model with safetensors weights)."""
     base_build: Literal["tiny", "small"] | None = None
     """If `base` does not exist, build this offline base model there first."""
+    task: Literal["generation", "classification"] = "generation"
+    """generation: a causal-LM adapter; classification: LoRA plus a new head trained in full,
+    on rows with `text` and `label` columns (data.format does not apply)."""
     data: DataConfig
     method: MethodConfig = MethodConfig()
     training: TrainingConfig = TrainingConfig()
@@ -213,6 +221,21 @@ class TuneConfig(BaseModel):
     # "register" would shadow BaseModel.register (from ABCMeta); YAML keeps the short name.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
     """Where and under which name the result is registered."""
+
+    @model_validator(mode="after")
+    def _task(self) -> TuneConfig:
+        if self.task == "classification":
+            if self.data.packing:
+                raise ValueError(
+                    "task classification scores one text per row: set data.packing false"
+                )
+            if self.data.replay:
+                raise ValueError(
+                    "task classification has no text loss to replay: set data.replay 0"
+                )
+        elif self.data.labels is not None or self.training.class_weights != "none":
+            raise ValueError("data.labels and training.class_weights need task: classification")
+        return self
 
     @model_validator(mode="after")
     def _replay_rows(self) -> TuneConfig:

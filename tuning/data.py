@@ -39,6 +39,7 @@ class Example:
     labels: list[int]  # IGNORE where no loss
     prompt_ids: list[int]  # what a request would send (profile, generation metrics)
     completion: str | None = None  # reference answer (completion format)
+    label: str | None = None  # class label (classification)
 
 
 @dataclass
@@ -127,6 +128,17 @@ def _check_row(location: str, row: dict[str, Any], fmt: str) -> None:
             raise DataError(f"{location}: field 'completion' is empty")
     elif fmt == "text":
         _require(location, row, "text", str)
+    elif fmt == "classification":
+        if not _require(location, row, "text", str).strip():
+            raise DataError(f"{location}: field 'text' is empty")
+        label = row.get("label")
+        if label is None:
+            raise DataError(f"{location}: missing field 'label' (fields: {', '.join(sorted(row))})")
+        if isinstance(label, bool) or not isinstance(label, str | int):
+            raise DataError(
+                f"{location}: field 'label' must be a string or an integer, got "
+                f"{type(label).__name__}"
+            )
     else:
         messages = _require(location, row, "messages", list)
         for i, message in enumerate(messages):
@@ -151,6 +163,9 @@ def tokenize(row: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase) 
     if fmt == "text":
         ids = tokenizer(row["text"])["input_ids"] + [eos]
         return Example(ids, list(ids), ids)
+    if fmt == "classification":  # no eos: the head reads the last token that is not padding
+        ids = tokenizer(row["text"])["input_ids"]
+        return Example(ids, [], ids, label=str(row["label"]))
     return _tokenize_chat(row["messages"], tokenizer)
 
 
@@ -203,7 +218,11 @@ def load_tokenizer(base: Path) -> PreTrainedTokenizerBase:
 
 
 def _read_examples(
-    paths: list[Path], config: DataConfig, tokenizer: PreTrainedTokenizerBase, report: DataReport
+    paths: list[Path],
+    config: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    report: DataReport,
+    fmt: str,
 ) -> list[Example]:
     """Read, check, dedupe, tokenize and filter the rows of `paths`, counting in `report`."""
     seen: set[str] = set()
@@ -212,13 +231,13 @@ def _read_examples(
         report.files[str(path)] = sha256_file(path)
         for location, row in _load_rows(path):
             report.rows += 1
-            _check_row(location, row, config.format)
+            _check_row(location, row, fmt)
             key = json.dumps(row, sort_keys=True, default=str)
             if config.dedupe and key in seen:
                 report.duplicates += 1
                 continue
             seen.add(key)
-            example = tokenize(row, config.format, tokenizer)
+            example = tokenize(row, fmt, tokenizer)
             if len(example.input_ids) > config.max_length:
                 report.too_long += 1
                 continue
@@ -226,22 +245,29 @@ def _read_examples(
     return out
 
 
-def load_eval_examples(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+def row_format(config: DataConfig, task: str) -> str:
+    """How rows are read: data.format, or `text` + `label` columns for classification."""
+    return "classification" if task == "classification" else config.format
+
+
+def load_eval_examples(
+    config: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str = "generation"
+) -> list[Example]:
     """The examples of `config.eval` alone, read as `load_examples` reads them (the training
     files are not read)."""
     if not config.eval:
         raise DataError("data.eval names no file; this needs explicit eval files")
-    return _read_examples(config.eval, config, tokenizer, DataReport())
+    return _read_examples(config.eval, config, tokenizer, DataReport(), row_format(config, task))
 
 
 def load_examples(
-    config: DataConfig, tokenizer: PreTrainedTokenizerBase
+    config: DataConfig, tokenizer: PreTrainedTokenizerBase, task: str = "generation"
 ) -> tuple[list[Example], list[Example], DataReport]:
     """Read, check, tokenize, filter and split; return train, eval and the report."""
     report = DataReport()
 
     def read(paths: list[Path]) -> list[Example]:
-        return _read_examples(paths, config, tokenizer, report)
+        return _read_examples(paths, config, tokenizer, report, row_format(config, task))
 
     train = read(config.train)
     if config.eval:
@@ -263,8 +289,11 @@ def load_examples(
     return train, held_out, report
 
 
-def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with an attention mask."""
+def pad_batch(
+    examples: Sequence[Example], pad_id: int, classes: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch with an attention mask; with `classes` (label -> index), the
+    labels are each example's class index."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -272,8 +301,11 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tenso
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
+        if ex.labels:  # a classification row has none
+            labels[row, :n] = torch.tensor(ex.labels)
         mask[row, :n] = 1
+    if classes is not None:
+        labels = torch.tensor([classes[str(e.label)] for e in examples], dtype=torch.long)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -309,6 +341,7 @@ def batches(
     epoch: int,
     replay: Sequence[Example] = (),
     replay_rows: int = 0,
+    classes: dict[str, int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """The micro-batches of one epoch, in an order fixed by (seed, epoch). With replay,
     each batch is batch_size - replay_rows rows of the task and replay_rows windows of
@@ -332,9 +365,10 @@ def batches(
         group = rows[i : i + task_rows]
         if replay:
             group += [[next(drawn)] for _ in range(replay_rows)]
-        out.append(
-            pack_batch(group, pad_id) if packing else pad_batch([r[0] for r in group], pad_id)
-        )
+        if packing:
+            out.append(pack_batch(group, pad_id))
+        else:
+            out.append(pad_batch([r[0] for r in group], pad_id, classes))
     return out
 
 

@@ -17,11 +17,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -38,11 +38,18 @@ from tuning.checkpoints import (
     save_checkpoint,
     trainable_state,
 )
+from tuning.classify import (
+    ClassObjective,
+    build_classifier,
+    class_weights,
+    evaluate_classifier,
+    label_set,
+)
 from tuning.config import TrainingConfig, TuneConfig
-from tuning.data import DataReport, Example, batches, load_examples, load_tokenizer
+from tuning.data import IGNORE, DataReport, Example, batches, load_examples, load_tokenizer
 from tuning.errors import ConfigError, PackingUnsupported
 from tuning.evaluation import evaluate, mean_loss
-from tuning.plots import plot_losses
+from tuning.plots import plot_confusion, plot_losses
 from tuning.replay import replay_rows, replay_set
 from tuning.strategies import Unfreezing, depths, describe_groups, param_groups
 
@@ -138,8 +145,46 @@ def total_steps(config: TuneConfig, micro_batches: int, world: int) -> int:
     return max(1, math.ceil(config.training.epochs * micro_batches / per_step))
 
 
+class Objective(Protocol):
+    """What the loop minimises: per micro-batch loss, tokens counted, eval loss."""
+
+    @property
+    def classes(self) -> dict[str, int] | None:
+        """Label -> class index, for classification batches."""
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def eval_loss(
+        self, model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int
+    ) -> float: ...
+
+
+class CausalObjective:
+    """Next-token cross-entropy on the labelled tokens (the model's own loss)."""
+
+    classes: dict[str, int] | None = None
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch, use_cache=False).loss  # type: ignore[no-any-return]
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    def eval_loss(
+        self, model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int
+    ) -> float:
+        return mean_loss(model, examples, batch_size, pad_id)
+
+
 def epoch_batches(
-    train: list[Example], config: TuneConfig, pad_id: int, epoch: int, replay: list[Example]
+    train: list[Example],
+    config: TuneConfig,
+    pad_id: int,
+    epoch: int,
+    replay: list[Example],
+    classes: dict[str, int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     t = config.training
     return batches(
@@ -152,16 +197,22 @@ def epoch_batches(
         epoch=epoch,
         replay=replay,
         replay_rows=replay_rows(config.data, t.batch_size),
+        classes=classes,
     )
 
 
 def micro_batch_stream(
-    train: list[Example], config: TuneConfig, pad_id: int, start: int, replay: list[Example]
+    train: list[Example],
+    config: TuneConfig,
+    pad_id: int,
+    start: int,
+    replay: list[Example],
+    classes: dict[str, int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Every micro-batch of the run in order, from the `start`-th on (resume)."""
     epoch, index = 0, 0
     while True:
-        for batch in epoch_batches(train, config, pad_id, epoch, replay):
+        for batch in epoch_batches(train, config, pad_id, epoch, replay, classes):
             if index >= start:
                 yield batch
             index += 1
@@ -177,17 +228,19 @@ def train_loop(
     run_dir: Path,
     *,
     replay: list[Example] = [],  # noqa: B006  (read only)
+    objective: Objective = CausalObjective(),  # noqa: B008  (stateless)
     observe: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
 ) -> TrainState:
     """The optimisation loop; returns the final state with the best weights loaded.
-    `replay`: general-text windows mixed into every batch (data.replay);
+    `replay`: general-text windows mixed into every batch (data.replay); `objective`: the
+    loss (default: the causal LM's);
     `observe(state, optimizer)` runs after every optimizer step."""
     from tqdm import tqdm
 
     t = config.training
     rank, world = _rank_world()
     per_step = t.grad_accum * world
-    n_micro = len(epoch_batches(train, config, pad_id, 0, replay))
+    n_micro = len(epoch_batches(train, config, pad_id, 0, replay, objective.classes))
     steps = total_steps(config, n_micro, world)
     unfreeze = config.method.unfreeze
     groups = param_groups(model, t, by_layer=unfreeze is not None)
@@ -214,7 +267,9 @@ def train_loop(
         )
     trainable = [p for group in groups for p in group["params"]]
     ddp: PeftModel | DistributedDataParallel = model
-    stream = micro_batch_stream(train, config, pad_id, state.step * per_step, replay)
+    stream = micro_batch_stream(
+        train, config, pad_id, state.step * per_step, replay, objective.classes
+    )
     interactive = rank == 0 and sys.stderr.isatty()
     bar = tqdm(total=steps, initial=state.step, disable=not interactive, desc="tune", unit="step")
     model.train()
@@ -236,10 +291,10 @@ def train_loop(
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1 or world == 1
             with ddp.no_sync() if not sync else torch.enable_grad():
-                loss = ddp(**batch, use_cache=False).loss / len(micro)
-                loss.backward()
+                loss = objective.loss(ddp, batch) / len(micro)
+                loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             loss_sum += loss.item()
-            state.tokens += int((batch["labels"] != -100).sum()) * world
+            state.tokens += objective.tokens(batch) * world
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
         optimizer.step()
@@ -254,7 +309,7 @@ def train_loop(
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if state.step % t.eval_every == 0 or state.step == steps:
-            best = _evaluate_step(model, held_out, config, pad_id, state, best, trained)
+            best = _evaluate_step(model, held_out, config, pad_id, state, best, trained, objective)
             model.train()
             if rank == 0 and not interactive:
                 rate = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
@@ -296,12 +351,13 @@ def _evaluate_step(
     state: TrainState,
     best: dict[str, torch.Tensor] | None,
     trained: set[str],
+    objective: Objective,
 ) -> dict[str, torch.Tensor] | None:
     """Eval loss for the curve and early stopping; every process computes the same value,
     so all of them take the same decision."""
     t = config.training
     model.eval()
-    loss = mean_loss(model, held_out, config.evaluation.batch_size, pad_id)
+    loss = objective.eval_loss(model, held_out, config.evaluation.batch_size, pad_id)
     state.eval_losses.append([state.step, loss])
     if state.best_eval_loss is None or loss < state.best_eval_loss - t.early_stopping_min_delta:
         state.best_eval_loss, state.best_step, state.bad_evals = loss, state.step, 0
@@ -377,7 +433,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         Registry.create(config.registry.home, base).close()
     torch.manual_seed(config.training.seed)
     tokenizer = load_tokenizer(base)
-    train, held_out, report = load_examples(config.data, tokenizer)
+    train, held_out, report = load_examples(config.data, tokenizer, config.task)
     logger.info(
         "data: %d rows, %d duplicates and %d over max_length %d dropped; %d train, %d eval",
         report.rows,
@@ -387,7 +443,16 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         report.train,
         report.eval,
     )
-    model = build_model(config, base)
+    labels: list[str] | None = None
+    objective: Objective = CausalObjective()
+    if config.task == "classification":
+        labels = label_set(config, train, held_out)
+        classes = {label: i for i, label in enumerate(labels)}
+        objective = ClassObjective(classes, class_weights(config, train, labels))
+        logger.info("labels: %s", ", ".join(labels))
+        model = build_classifier(config, base, labels, tokenizer.pad_token_id)
+    else:
+        model = build_model(config, base)
     if config.data.packing:
         check_packing(model, tokenizer.pad_token_id)
     replay = replay_set(tokenizer, config.data)
@@ -399,13 +464,25 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
             len(replay),
         )
     state = train_loop(
-        config, model, train, held_out, tokenizer.pad_token_id, run_dir, replay=replay
+        config,
+        model,
+        train,
+        held_out,
+        tokenizer.pad_token_id,
+        run_dir,
+        replay=replay,
+        objective=objective,
     )
     if rank != 0:
         torch.distributed.barrier()  # process 0 evaluates, saves and registers meanwhile
         torch.distributed.destroy_process_group()
         return RunResult(adapter_dir, VersionMetadata(), None)
-    metrics = evaluate(model, tokenizer, held_out, config.data, config.evaluation)
+    if isinstance(objective, ClassObjective):
+        metrics = evaluate_classifier(
+            model, train, held_out, objective, config, tokenizer.pad_token_id
+        )
+    else:
+        metrics = evaluate(model, tokenizer, held_out, config.data, config.evaluation)
     metrics["train"] = {
         "steps": state.step,
         "tokens": state.tokens,
@@ -431,7 +508,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         vocab_size=len(tokenizer),
         completion_lengths=(
             [len(e.input_ids) - len(e.prompt_ids) for e in train]
-            if config.data.format != "text"
+            if config.data.format != "text" and labels is None
             else None
         ),
     )
@@ -442,6 +519,12 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         state.eval_losses,
         f"{config.registry.name or run_dir.name}: r={config.method.r}",
     )
+    if labels is not None:
+        plot_confusion(
+            adapter_dir / "confusion.png",
+            metrics["confusion"],
+            f"{config.registry.name or run_dir.name}: held-out predictions",
+        )
     elapsed = time.time() - started
     metadata = VersionMetadata(
         base_fingerprint=base_info.fingerprint,
@@ -457,6 +540,7 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         drift_profile=PROFILE_FILE,
         wall_time_s=elapsed,
         tokens_per_s=state.tokens / elapsed if elapsed > 0 else None,
+        labels=labels,
     )
     (adapter_dir / METADATA_FILE).write_text(metadata.model_dump_json(indent=1) + "\n")
     (run_dir / "config.yaml").write_text(_yaml(config))

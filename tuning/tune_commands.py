@@ -190,8 +190,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     metrics = result.metadata.metrics
     base = metrics.get("base", {})
     lines = [f"adapter: {result.adapter_dir}"]
+    if "baselines" in metrics:  # a classifier
+        majority, probe = metrics["baselines"]["majority"], metrics["baselines"]["linear_probe"]
+        lines.append(f"  labels         {', '.join(result.metadata.labels or [])}")
+        lines.append(f"  eval_loss      {metrics['eval_loss']:.4f}")
+        for key in ("accuracy", "macro_f1"):
+            lines.append(
+                f"  {key:<14} {metrics[key]:.4f}   linear probe {probe[key]:.4f}   "
+                f"majority class {majority[key]:.4f}"
+            )
+        lines.append(f"  confusion      {result.adapter_dir / 'confusion.png'}")
     for key in ("eval_loss", "perplexity", "exact_match", "token_f1"):
-        if key in metrics:
+        if key in metrics and "baselines" not in metrics:
             lines.append(f"  {key:<14} {metrics[key]:.4f}   base {base.get(key, float('nan')):.4f}")
     if "forgetting" in metrics:
         f = metrics["forgetting"]
