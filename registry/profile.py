@@ -23,7 +23,16 @@ DEFAULT_TOP_TOKENS = 1000
 # The drift signals a server scores for each version: the first four against this profile,
 # feedback against a share of negative ratings (serving/watch/drift.py). Listed here because
 # the server's config (--drift-threshold SIGNAL=VALUE) and the drift windows both name them.
-SIGNALS = ("prompt_length", "prompt_tokens", "completion_length", "length_stop_share", "feedback")
+# A classifier's versions add the predicted-label distribution and its mean top probability.
+SIGNALS = (
+    "prompt_length",
+    "prompt_tokens",
+    "completion_length",
+    "length_stop_share",
+    "feedback",
+    "predicted_label",
+    "top_probability",
+)
 
 
 def length_bin(length: int) -> int:
@@ -63,6 +72,12 @@ class BaselineProfile(BaseModel):
     """Occurrences of all other token ids together."""
     vocab_size: int = Field(ge=1)
     """Size of the tokenizer's vocabulary."""
+    labels: list[str] | None = None
+    """A classifier's labels, in its head's order."""
+    label_counts: list[int] | None = None
+    """Training rows per label (a classifier)."""
+    mean_top_probability: float | None = Field(None, ge=0, le=1)
+    """Mean probability of the predicted label over the held-out rows (a classifier)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> BaselineProfile:
@@ -73,6 +88,10 @@ class BaselineProfile(BaseModel):
             raise ValueError(f"completion_length_counts needs {bins} bins")
         if len(self.token_ids) != len(self.token_counts):
             raise ValueError("token_ids and token_counts differ in length")
+        if (self.labels is None) != (self.label_counts is None) or (
+            self.labels is not None and len(self.labels) != len(self.label_counts or [])
+        ):
+            raise ValueError("labels and label_counts go together, one count per label")
         return self
 
     @property
@@ -95,8 +114,11 @@ def build_profile(
     vocab_size: int,
     completion_lengths: Iterable[int] | None = None,
     top_tokens: int = DEFAULT_TOP_TOKENS,
+    label_counts: dict[str, int] | None = None,
+    mean_top_probability: float | None = None,
 ) -> BaselineProfile:
-    """Profile tokenized prompts (and, if given, completion lengths)."""
+    """Profile tokenized prompts (and, if given, completion lengths; for a classifier, the
+    training rows per label in head order and the held-out mean top probability)."""
     tokens: Counter[int] = Counter()
     lengths: list[int] = []
     for ids in prompts:
@@ -114,4 +136,7 @@ def build_profile(
         token_counts=[c for _, c in top],
         other_tokens=sum(tokens.values()) - sum(c for _, c in top),
         vocab_size=vocab_size,
+        labels=list(label_counts) if label_counts is not None else None,
+        label_counts=list(label_counts.values()) if label_counts is not None else None,
+        mean_top_probability=mean_top_probability,
     )

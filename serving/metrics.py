@@ -33,6 +33,17 @@ PROMPT_TOKENS = Counter("lorafleet_prompt_tokens", "Prompt tokens", ["adapter", 
 COMPLETION_TOKENS = Counter(
     "lorafleet_completion_tokens", "Generated tokens", ["adapter", "version"]
 )
+CLASSIFICATIONS = Counter(
+    "lorafleet_classifications",
+    "Texts classified, by adapter version and predicted label",
+    ["adapter", "version", "label"],
+)
+TOP_PROBABILITY = Histogram(
+    "lorafleet_classification_top_probability",
+    "Probability of the predicted label of each classified text",
+    ["adapter", "version"],
+    buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
 ADAPTER_LOAD_SECONDS = Histogram(
     "lorafleet_adapter_load_seconds",
     "Time to make an adapter version resident",

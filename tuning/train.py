@@ -511,6 +511,8 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
             if config.data.format != "text" and labels is None
             else None
         ),
+        label_counts=metrics["label_counts"] if labels is not None else None,
+        mean_top_probability=metrics["mean_top_probability"] if labels is not None else None,
     )
     profile.save(adapter_dir)
     plot_losses(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.cli.admin_client import admin_get
-from serving.watch.drift_plots import KINDS, TITLES, VERDICTS, plot_signal
+from serving.watch.drift_plots import KINDS, TITLES, VERDICTS, drawn, plot_signal
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def fetch_report(url: str, model: str, api_key: str | None, timeout_s: float = 3
 
 def render_html(report: dict[str, Any], *, url: str = "") -> str:
     """One page: a header with the window, then per signal its verdict, score and plot."""
-    sections = [_section(name, signal) for name, signal in report["signals"].items()]
-    drifted = [n for n, s in report["signals"].items() if s["status"] == "drifted"]
+    signals = drawn(report["signals"])
+    sections = [_section(name, signal) for name, signal in signals.items()]
+    drifted = [n for n, s in signals.items() if s["status"] == "drifted"]
     summary = (
         f"<b>{len(drifted)} of {len(sections)} signals drifted</b>: {', '.join(drifted)}"
         if drifted

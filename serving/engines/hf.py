@@ -1,11 +1,7 @@
 """The `hf` engine: transformers weights, our own batching loop, per-row adapter routing.
 
-Why not `generate` or transformers' continuous batching (docs/architecture.md, "The hf
-engine: why it is written by hand", measured on 2 cores): plain `generate` cannot admit
-requests mid-flight and copies its DynamicCache every step; transformers' continuous
-batching on CPU masks a dense block-diagonal matrix over the flattened batch and gathers
-every request's KV on every layer and step (566 vs 922 tok/s at 64x128), and its prefix
-sharing mixed two adapters' KV. So this engine runs a small loop:
+Why not `generate` or transformers' continuous batching: docs/architecture.md, "The hf
+engine: why it is written by hand" (measured on 2 cores). This engine runs a small loop:
 
 - One engine thread does all torch work (two threads running torch ops cost each other up to
   38%); callers only queue requests and receive tokens through callbacks.
@@ -37,6 +33,8 @@ from typing import Any
 import torch
 
 from registry.families import hf_verdict, read_config
+from serving.engines import seam
+from serving.engines.heads import Classifications, refuse, run_classifications
 from serving.engines.lora_slots import AdapterSlots, read_adapter
 from serving.engines.row_model import RowModel
 from serving.engines.seam import GenerationRequest, OnEvent, TokenEvent
@@ -66,6 +64,7 @@ class HFEngine:
         self.rows: list[Row] = []
         self.max_batch_seen = 0  # largest decode batch so far (tests, metrics)
         self._pending: deque[Queued] = deque()
+        self._classes = Classifications(max_queue)  # serving/engines/heads.py
         self._commands: deque[tuple[Any, Future[None]]] = deque()
         self._cancelled: set[str] = set()
         self._resident: dict[str, int] = {}  # key -> adapter slot
@@ -119,6 +118,14 @@ class HFEngine:
             self._pending.append(Queued(request, on_event, grammar))
             self._cond.notify()
 
+    def classify(self, request: seam.ClassifyRequest, on_done: seam.OnClassified) -> None:
+        with self._cond:
+            if self._stopped:
+                raise EngineStopped("the engine is shut down")
+            self._classes.add(request, on_done, self._unloading)  # NotServable, Overloaded
+            self._users[request.adapter] = self._users.get(request.adapter, 0) + 1
+            self._cond.notify()
+
     def cancel(self, request_id: str) -> None:
         with self._cond:
             self._cancelled.add(request_id)
@@ -142,6 +149,8 @@ class HFEngine:
             with self._cond:
                 self._resident.pop(key, None)
             raise
+        with self._cond:
+            self._classes.loaded(key, weights.head)
 
     def unload_adapter(self, key: str) -> None:
         with self._cond:
@@ -186,6 +195,7 @@ class HFEngine:
                     self._stopped
                     or self._commands
                     or self._pending
+                    or self._classes.queue
                     or self.rows
                     or self._cancelled
                     or self._unloadable()
@@ -196,6 +206,7 @@ class HFEngine:
                 commands = list(self._commands)
                 self._commands.clear()
                 cancelled, self._cancelled = self._cancelled, set()
+                classify = self._classes.take(self.max_batch - len(self.rows), self._resident)
                 admitted: list[Queued] = []
                 while self._pending and len(self.rows) + len(admitted) < self.max_batch:
                     admitted.append(self._pending.popleft())
@@ -210,6 +221,9 @@ class HFEngine:
                     future.set_exception(err)
             for queued in pending_cancel:
                 self._finish_request(queued.request, queued.on_event, TokenEvent(None, "cancelled"))
+            if classify:
+                first = len(self.rows)
+                run_classifications(classify, self.rows_model, self.slots, first, self._let_go)
             fresh = []
             for queued in admitted:
                 if queued.request.request_id in cancelled:
@@ -239,6 +253,11 @@ class HFEngine:
                 self._end(row, TokenEvent(None, "error", error=f"engine error: {err}"))
             self._compact()
 
+    def _let_go(self, key: str) -> None:  # a classification of `key` was answered
+        with self._cond:
+            self._users[key] -= 1
+        self._release_unloaded()
+
     def _unloadable(self) -> bool:
         return any(self._users.get(k, 0) == 0 for k in self._unloading)
 
@@ -246,6 +265,7 @@ class HFEngine:
         with self._cond:
             done = [k for k in self._unloading if self._users.get(k, 0) == 0]
             slots = [self._resident.pop(k) for k in done]
+            self._classes.forget(done)
             self._unloading -= set(done)
         for slot in slots:
             self.slots.clear(slot)
@@ -367,5 +387,8 @@ class HFEngine:
             self._commands.clear()
         for queued in pending:
             self._finish_request(queued.request, queued.on_event, TokenEvent(None, "cancelled"))
+        with self._cond:
+            classify = self._classes.take(len(self._classes.queue), self._resident)
+        refuse(classify, "the engine is shut down")
         for _, future in commands:
             future.set_exception(EngineStopped("the engine is shut down"))

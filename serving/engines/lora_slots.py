@@ -19,7 +19,8 @@ slot count (a server with 100 slots decoding 8 adapters pays for 8). Measured he
 PEFT's per-adapter `generate`.
 
 Only plain LoRA on linear layers is routed: DoRA, modules_to_save, embedding targets and
-LoRA bias are refused with NotServable.
+LoRA bias are refused with NotServable. A classifier (peft task_type SEQ_CLS) may also
+carry its head (`score` / `classifier`), which the engine applies itself.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from serving.errors import NotServable
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight")
+HEAD_KEY = re.compile(r"(?P<module>score|classifier)\.(?P<part>weight|bias)")
+HEAD_MODULES = {"score", "classifier"}
 UNROUTED_FEATURES = {
     "use_dora": "DoRA",
     "modules_to_save": "modules_to_save",
@@ -116,6 +119,8 @@ class AdapterWeights:
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     rank: int
+    # A classifier's head: W (labels, hidden) and its bias, if any.
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def _scale(config: dict[str, object], module: str, rank: int) -> float:
@@ -129,6 +134,12 @@ def _scale(config: dict[str, object], module: str, rank: int) -> float:
 def read_adapter(directory: Path) -> AdapterWeights:
     """Read a PEFT LoRA directory (safetensors only) into per-module A, B and scale."""
     config = json.loads((directory / "adapter_config.json").read_text())
+    classifier = str(config.get("task_type") or "").upper() == "SEQ_CLS"
+    if classifier:  # its head is saved whole; anything else trained whole is not served
+        config = {
+            **config,
+            "modules_to_save": sorted(set(config.get("modules_to_save") or []) - HEAD_MODULES),
+        }
     for key, feature in UNROUTED_FEATURES.items():
         if config.get(key):
             raise NotServable(
@@ -141,8 +152,13 @@ def read_adapter(directory: Path) -> AdapterWeights:
         )
     tensors = load_file(directory / "adapter_model.safetensors")
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        match = LORA_KEY.fullmatch(key.removeprefix(PEFT_PREFIX))
+        name = key.removeprefix(PEFT_PREFIX)
+        if classifier and (found := HEAD_KEY.fullmatch(name)) is not None:
+            head[found["part"]] = value
+            continue
+        match = LORA_KEY.fullmatch(name)
         if match is None:
             raise NotServable(f"adapter {directory}: tensor {key!r} is not a LoRA A/B matrix")
         parts.setdefault(match["module"], {})[match["part"]] = value
@@ -151,7 +167,13 @@ def read_adapter(directory: Path) -> AdapterWeights:
         a, b = ab["A"], ab["B"]
         rank = a.shape[0]
         modules[module] = (a, b, _scale(config, module, rank))
-    return AdapterWeights(modules, max(a.shape[0] for a, _, _ in modules.values()))
+    if classifier and "weight" not in head:
+        raise NotServable(f"classifier {directory} has no head (score.weight); save it again")
+    return AdapterWeights(
+        modules,
+        max(a.shape[0] for a, _, _ in modules.values()),
+        (head["weight"], head.get("bias")) if classifier else None,
+    )
 
 
 class AdapterSlots:

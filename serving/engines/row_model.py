@@ -233,8 +233,32 @@ class RowModel:
             raise NotServable(f"unexpected logits shape {tuple(logits.shape)} from the model")
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype  # type: ignore[no-any-return]
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().out_features)
+
+    def hidden(self, ids: torch.Tensor, first: int, lengths: torch.Tensor) -> torch.Tensor:
+        """The base model's final hidden states (batch, hidden) at each row's last real
+        position: right-padded prompts prefilled into rows first.. (which stay free: the
+        K/V written there is overwritten by the next prefill)."""
+        batch, steps = ids.shape
+        step = Step(first, lengths, None, steps)
+        keep = torch.stack([torch.arange(batch), lengths - 1], 1)
+        self.cache.step, self._keep = step, keep
+        try:
+            out = self.model.base_model(
+                input_ids=ids,
+                position_ids=torch.arange(steps).expand(batch, steps),
+                past_key_values=self.cache,
+                use_cache=True,
+                lorafleet_step=step,
+            )
+        finally:
+            self.cache.step, self._keep = None, None
+        return out.last_hidden_state[0]  # type: ignore[no-any-return]
 
     def forward(
         self,

@@ -83,6 +83,27 @@ class TokenEvent:
 OnEvent = Callable[[TokenEvent], None]
 
 
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """One text through a classification adapter: its head's logits at the prompt's last
+    token (the caller drops trailing padding tokens, as transformers' pooling skips them)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    adapter: str  # resident key NAME@VERSION of a classifier
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """The head's raw logits (fp32, one per label), or the error that ended the request."""
+
+    logits: tuple[float, ...] = ()
+    error: str | None = None
+
+
+OnClassified = Callable[[ClassifyResult], None]
+
+
 class Engine(Protocol):
     """One base model plus resident adapters; all methods are safe to call from any thread."""
 
@@ -94,6 +115,9 @@ class Engine(Protocol):
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (client gone); its slot is freed at the next step."""
+
+    def classify(self, request: ClassifyRequest, on_done: OnClassified) -> None:
+        """Queue a classification; NotServable when the engine or the adapter cannot."""
 
     def load_adapter(self, key: str, directory: Path) -> None:
         """Make `key` resident (blocks until it can serve); NotServable if it cannot."""

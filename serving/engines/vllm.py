@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from serving.engines.seam import (
+    ClassifyRequest,
     FinishReason,
     GenerationRequest,
+    OnClassified,
     OnEvent,
     SamplingParams,
     TokenEvent,
@@ -197,6 +199,12 @@ class VLLMEngine:
 
     def cancel(self, request_id: str) -> None:
         asyncio.run_coroutine_threadsafe(self.llm.abort(request_id), self._loop)
+
+    def classify(self, request: ClassifyRequest, on_done: OnClassified) -> None:
+        raise NotServable(
+            f"the vllm engine does not serve classification adapters ({request.adapter}); "
+            "serve them with --engine hf"
+        )
 
     def load_adapter(self, key: str, directory: Path) -> None:
         from vllm.lora.request import LoRARequest

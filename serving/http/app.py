@@ -4,6 +4,7 @@ errors to status codes. This is the only place that knows about HTTP."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,7 +38,12 @@ from serving.http.error_body import error_body
 from serving.http.limits import RequestLimits
 from serving.http.openai_request import Plan, chat_plan, completion_plan, with_prompt
 from serving.http.openai_response import sse, whole_body
-from serving.http.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from serving.http.schemas import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    FeedbackRequest,
+)
 from serving.runtime.generation import Generation
 from serving.runtime.server import Server
 
@@ -218,6 +224,46 @@ class GenerationStream(StreamingResponse):
 @app.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
     stored = await asyncio.to_thread(
-        server_of(request).feedback, body.response_id, body.score, body.correction
+        server_of(request).feedback, body.response_id, body.score, body.correction, body.label
     )
     return {"id": stored, "response_id": body.response_id, "stored": True}
+
+
+@app.post("/v1/classify")
+@app.post("/classify")  # vLLM's path of the same API
+async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
+    """vLLM's classification API on a classifier adapter: each text's label and
+    probabilities (serving/runtime/classification.py)."""
+    done = await server_of(request).classifier.classify(
+        body.model,
+        body.texts(),
+        add_special_tokens=body.add_special_tokens,
+        activation=body.use_activation is not False,
+        session=request.headers.get(SESSION_HEADER),
+    )
+    tokens = sum(item.generation.prompt_tokens for item in done.items)
+    data = [
+        {
+            "index": i,
+            "id": item.generation.response_id,  # for /v1/feedback on this text
+            "label": item.label,
+            "probs": item.probs,
+            "num_classes": len(item.probs),
+        }
+        for i, item in enumerate(done.items)
+    ]
+    body_out = {
+        "id": f"classify-{done.id}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": body.model,
+        "data": data,
+        "usage": {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        },
+    }
+    headers = {VERSION_HEADER: done.target.key, REVISION_HEADER: str(done.revision)}
+    return JSONResponse(body_out, headers=headers)

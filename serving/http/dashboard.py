@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from serving.http.access import require_admin, server_of
 from serving.http.schemas import PinRequest
-from serving.watch.drift_plots import KINDS, TITLES, plot_signal
+from serving.watch.drift_plots import KINDS, TITLES, drawn, plot_signal
 from serving.watch.samples import SERIES_LIMIT
 
 router = APIRouter()
@@ -125,7 +125,7 @@ async def drift_plots(request: Request, model: str) -> dict[str, Any]:
     def render() -> dict[str, str]:
         return {
             name: "data:image/png;base64," + base64.b64encode(plot_signal(name, s)).decode()
-            for name, s in report["signals"].items()
+            for name, s in drawn(report["signals"]).items()
         }
 
     return {**report, "plots": await asyncio.to_thread(render)}

@@ -231,10 +231,53 @@ def unknown_fields(body: BaseModel) -> list[str]:
 class FeedbackRequest(BaseModel):
     model_config = Strict
     response_id: str = Field(min_length=1, max_length=100)
-    score: float = Field(ge=-1.0, le=1.0, allow_inf_nan=False)
-    """-1 (bad) .. 1 (good)."""
+    score: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
+    """-1 (bad) .. 1 (good); may be left out when `label` is given."""
     correction: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     """The output the response should have had."""
+    label: str | None = Field(None, min_length=1, max_length=1000)
+    """A classified text's true label (its correction; score 1 if predicted, else -1)."""
+
+    @model_validator(mode="after")
+    def _score_or_label(self) -> FeedbackRequest:
+        if self.score is None and self.label is None:
+            raise ValueError("give a score (-1..1) or, for a classified text, its label")
+        return self
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's classification API (`/classify`), the fields its clients send."""
+
+    model_config = Strict
+    model: str = Field(min_length=1, max_length=1000)
+    input: str | list[str] | list[int] | list[list[int]]
+    """A text, texts, or token ids (one list per text)."""
+    user: str | None = None
+    """Accepted and ignored."""
+    add_special_tokens: bool = True
+    """Add the tokenizer's special tokens (BOS) to each text, as training did."""
+    use_activation: bool | None = None
+    """Softmax probabilities (default) or, with false, the head's raw logits."""
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: Any) -> Any:
+        items = (
+            [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        )
+        if not items:
+            raise ValueError("input is empty; send a text or a list of texts")
+        if len(items) > MAX_PROMPTS:
+            raise ValueError(f"input has {len(items)} texts; send at most {MAX_PROMPTS} at once")
+        if any(isinstance(i, str) and len(i) > MAX_PROMPT_CHARS for i in items):
+            raise too_long()
+        return value
+
+    def texts(self) -> list[str | list[int]]:
+        value = self.input
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]  # one text or one list of token ids
+        return list(value)  # type: ignore[arg-type]  # texts or lists of token ids
 
 
 class PromoteRequest(BaseModel):

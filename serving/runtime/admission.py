@@ -73,16 +73,25 @@ class Admission:
             return self._submit_all(prepared, chat, None, aliases.revision)
         try:
             with self.residency.held(target.key):
-                if not self.residency.touch(target.key):
-                    # Loading blocks, waiting for a slot as long as SLOT_WAIT_S: on threads
-                    # of its own, so waiting misses never fill the loop's default executor.
-                    loop = asyncio.get_running_loop()
-                    await loop.run_in_executor(self._loaders, self.residency.ensure, target)
+                await self.resident(target)
+                if self.residency.classifier_labels(target.key) is not None:
+                    raise BadRequest(
+                        f"{target.key} is a classification adapter; send its texts to /v1/classify",
+                        param="model",
+                    )
                 return self._submit_all(prepared, chat, target, aliases.revision)
         except LorafleetError as err:
             if not isinstance(err, BadRequest):  # the version failed to serve it
                 self.outcomes.refused(target.adapter, target.version)
             raise
+
+    async def resident(self, target: Target) -> None:
+        """Make `target` resident (call it holding `residency.held(target.key)`). Loading
+        blocks, waiting for a slot as long as SLOT_WAIT_S: on threads of its own, so waiting
+        misses never fill the loop's default executor."""
+        if not self.residency.touch(target.key):
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._loaders, self.residency.ensure, target)
 
     def _tokens(self, prompt: Prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):

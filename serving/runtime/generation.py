@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from serving.engines.seam import SamplingParams, TokenEvent, TokenLogprob
 from serving.runtime.routing import Target
 
-RESPONSE_PREFIXES = ("chatcmpl-", "cmpl-")
+RESPONSE_PREFIXES = ("chatcmpl-", "cmpl-", "classify-")
 
 
-def response_id(request_id: str, *, chat: bool) -> str:
-    """The id a client gets for a request: chatcmpl-ID (chat) or cmpl-ID (completions)."""
-    return f"{RESPONSE_PREFIXES[0] if chat else RESPONSE_PREFIXES[1]}{request_id}"
+def response_id(request_id: str, *, chat: bool, classify: bool = False) -> str:
+    """The id a client gets for a request: chatcmpl-ID (chat), cmpl-ID (completions) or
+    classify-ID (one text of a classification)."""
+    prefix = RESPONSE_PREFIXES[2 if classify else 0 if chat else 1]
+    return f"{prefix}{request_id}"
 
 
 def request_id_of(response: str) -> str:
@@ -62,6 +64,7 @@ class Generation:
     token_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list, repr=False)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = field(default=None, repr=False)
     scored_ids: list[int] = field(default_factory=list, repr=False)  # prompt_logprobs' tokens
+    labels_of_classifier: tuple[str, ...] = ()  # a classification: the classifier's labels
 
     @property
     def model(self) -> str:
@@ -71,7 +74,7 @@ class Generation:
     @property
     def response_id(self) -> str:
         """The id the client got: chatcmpl-... or cmpl-..."""
-        return response_id(self.id, chat=self.chat)
+        return response_id(self.id, chat=self.chat, classify=bool(self.labels_of_classifier))
 
     @property
     def served(self) -> str:

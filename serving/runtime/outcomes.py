@@ -17,11 +17,13 @@ from registry import RequestLog
 from registry.errors import NotFound
 from registry.loop_records import LoggedRequest
 from serving.metrics import (
+    CLASSIFICATIONS,
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
     QUEUE_DEPTH,
     REQUEST_SECONDS,
     REQUESTS,
+    TOP_PROBABILITY,
 )
 from serving.runtime.generation import RESPONSE_PREFIXES, Generation, request_id_of
 from serving.watch.canary_stats import CanaryStats
@@ -73,9 +75,7 @@ SHARED_LOG_WAIT_S = 2.0
 writer appends at least every 0.5 s)."""
 
 
-def answered(
-    recent: RecentResponses, response_id: str, shared_log: RequestLog | None
-) -> Answered:
+def answered(recent: RecentResponses, response_id: str, shared_log: RequestLog | None) -> Answered:
     """The response `response_id` from this server's recent ones, else (a registry shared by
     replicas) from the shared request log, waiting up to SHARED_LOG_WAIT_S for the replica
     that served it to append it. NotFound if neither has it."""
@@ -169,6 +169,37 @@ class Outcomes:
         self._adapter_finished(generation, seconds)
         self.recent.remember(generation)
 
+    def classified(
+        self, generation: Generation, seconds: float | None, label: int, probability: float
+    ) -> None:
+        """Account for one classified text (`generation.text` is its predicted label;
+        `seconds` None: it failed). Its canary latency is seconds per prompt token."""
+        adapter, version = generation.labels
+        PROMPT_TOKENS.labels(adapter, version).inc(generation.prompt_tokens)
+        REQUESTS.labels(adapter, version, "ok" if seconds is not None else "error").inc()
+        target = generation.target
+        assert target is not None, "only adapters classify"
+        if seconds is None:
+            self.canary_stats.record(
+                target.adapter, target.version, error=True, seconds_per_token=None
+            )
+            self.traffic.record(adapter, version, seconds=None, error=True)
+            return
+        REQUEST_SECONDS.labels(adapter, version).observe(seconds)
+        CLASSIFICATIONS.labels(adapter, version, generation.text).inc()
+        TOP_PROBABILITY.labels(adapter, version).observe(probability)
+        self.traffic.record(
+            adapter, version, seconds=seconds, prompt_tokens=generation.prompt_tokens
+        )
+        self.drift.record_classified(adapter, version, generation.prompt_ids, label, probability)
+        generation.prompt_ids = []
+        per_token = seconds / max(generation.prompt_tokens, 1)
+        self.canary_stats.record(
+            target.adapter, target.version, error=False, seconds_per_token=per_token
+        )
+        self._log(generation, "stop")
+        self.recent.remember(generation)
+
     def _adapter_finished(self, generation: Generation, seconds: float) -> None:
         """Canary statistics and the request log of an adapter request that ended."""
         target = generation.target
@@ -179,18 +210,23 @@ class Outcomes:
         self.canary_stats.record(
             target.adapter, target.version, error=finish == "error", seconds_per_token=per_token
         )
-        if self.request_log is not None:
-            self.request_log.submit(
-                LoggedRequest(
-                    response_id=generation.response_id,
-                    adapter=target.adapter,
-                    version=target.version,
-                    model=generation.model,
-                    prompt=generation.prompt,
-                    output=generation.text,
-                    finish_reason=finish,
-                    prompt_tokens=generation.prompt_tokens,
-                    completion_tokens=tokens,
-                    at=time.time(),
-                )
+        self._log(generation, finish)
+
+    def _log(self, generation: Generation, finish: str | None) -> None:
+        target = generation.target
+        if self.request_log is None or target is None:
+            return
+        self.request_log.submit(
+            LoggedRequest(
+                response_id=generation.response_id,
+                adapter=target.adapter,
+                version=target.version,
+                model=generation.model,
+                prompt=generation.prompt,
+                output=generation.text,
+                finish_reason=finish,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                at=time.time(),
             )
+        )

@@ -32,6 +32,7 @@ class Residency:
     ) -> None:
         self.engine = engine
         self.slot_wait_s = slot_wait_s
+        self.labels: dict[str, list[str]] = {}  # key -> a classifier's labels (ever loaded)
         self.engine_name = engine_name
         self.registry = registry
         self.pinned: set[str] = set()
@@ -40,6 +41,10 @@ class Residency:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Event] = {}
         self._held: Counter[str] = Counter()  # requests between admission and submit
+
+    def classifier_labels(self, key: str) -> list[str] | None:
+        """The labels of a classifier that was loaded (None: a generation adapter)."""
+        return self.labels.get(key)
 
     def resident(self) -> list[str]:
         with self._lock:
@@ -108,6 +113,9 @@ class Residency:
                 f"{record.ref} has rank {record.rank} > max rank {self.engine.max_rank} of this "
                 f"server; start it with --max-rank {record.rank}"
             )
+        labels = record.metadata.get("labels")
+        if labels:
+            self.labels[target.key] = list(labels)
         path = self.registry.artifact_path(record)  # verifies sha256
         deadline = time.monotonic() + self.slot_wait_s
         last_eviction = float("-inf")

@@ -26,6 +26,7 @@ from serving.engines.seam import TokenEvent
 from serving.errors import BadRequest, Overloaded
 from serving.metrics import TTFT_SECONDS
 from serving.runtime.admission import Admission, Prompt
+from serving.runtime.classification import Classifier, feedback_label
 from serving.runtime.detokenizer import Detokenizer
 from serving.runtime.generation import Ask, Generation
 from serving.runtime.hotswap import HotSwap
@@ -105,6 +106,7 @@ class Server:
             self.residency,
             self.outcomes,
         )
+        self.classifier = Classifier(self.tokenizer, self.vocab_size, self.admission, self.outcomes)
         self.shadow = Shadow(
             self._run_on_canary, lambda: self.hotswap.shadow_shares, self._shadow_pair
         )
@@ -295,11 +297,22 @@ class Server:
                 texts[i] = str(self.tokenizer.decode([i]))
         return [texts[i] for i in ids]
 
-    def feedback(self, response_id: str, score: float, correction: str | None) -> int:
+    def feedback(
+        self,
+        response_id: str,
+        score: float | None,
+        correction: str | None,
+        label: str | None = None,
+    ) -> int:
         """Store feedback on a response of this server, or of any replica that shares the
-        registry (blocking: call it off the event loop)."""
+        registry (blocking: call it off the event loop). `label`: a classified text's true
+        label (score 1 if predicted, else -1, unless a score is given)."""
         shared = self.registry.request_log if self.registry.shared else None
         found = answered(self.outcomes.recent, response_id, shared)
+        if label is not None:
+            judged, correction = feedback_label(found, label, self.registry)
+            score = judged if score is None else score
+        assert score is not None, "the schema asks for a score or a label"
         stored = self.registry.add_feedback(
             response_id,
             score,

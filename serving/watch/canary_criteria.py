@@ -284,7 +284,9 @@ def _feedback(
 
 
 def _scores(window: DriftWindow, settings: DriftSettings) -> dict[str, float | None]:
-    signals = evaluate(window.requests, window.feedback, window.profile, settings)
+    signals = evaluate(
+        window.requests, window.feedback, window.profile, settings, window.classified
+    )
     return {name: s.score for name, s in signals.items()}
 
 
@@ -339,10 +341,12 @@ def _bootstrap(drift: DriftInput, signal: str, threshold: float) -> float:
     def resample(window: DriftWindow) -> DriftWindow:
         pick = rng.integers(0, len(window.requests), len(window.requests))
         rated = rng.integers(0, len(window.feedback), len(window.feedback))
+        predicted = rng.integers(0, len(window.classified), len(window.classified))
         return DriftWindow(
             [window.requests[i] for i in pick],
             [window.feedback[i] for i in rated],
             window.profile,
+            [window.classified[i] for i in predicted],
         )
 
     not_worse = 0

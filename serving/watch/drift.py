@@ -17,6 +17,10 @@ prompt_tokens      Jensen-Shannon distance (base 2, in [0, 1]) of the prompt    
 completion_length  PSI of the completion-length histogram                       0.25
 length_stop_share  share of completions stopped by max_tokens                   0.5
 feedback           share of negative (< 0) feedback scores                      0.25
+predicted_label    classifiers: PSI of the predicted labels against the         0.25
+                   training labels (profile's label_counts)
+top_probability    classifiers: drop of the mean probability of the predicted   0.2
+                   label below the held-out evaluation's mean (0 if none)
 =================  ===========================================================  =========
 
 PSI = sum (p - q) ln(p / q) = KL(p||q) + KL(q||p), computed with scipy's relative entropy
@@ -82,6 +86,7 @@ from serving.metrics import DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_WINDOW_SAMPLES
 from serving.watch.drift_signals import (
     DEFAULT_THRESHOLDS,
     EPSILON,
+    Classified,
     DriftSettings,
     DriftWindow,
     Request,
@@ -118,6 +123,7 @@ class Window:
     # (monotonic time, prompt ids, completion tokens, stopped by max_tokens)
     requests: deque[Request]
     feedback: deque[tuple[float, float]]  # (monotonic time, score)
+    classified: deque[Classified]  # a classifier's predictions: (time, label, probability)
     generation: int = 0  # bumped on every change; results are cached per generation
     result: dict[str, Signal] | None = None
     result_generation: int = -1
@@ -130,6 +136,9 @@ class Window:
             evicted = True
         while self.feedback and self.feedback[0][0] < cutoff:
             self.feedback.popleft()
+            evicted = True
+        while self.classified and self.classified[0][0] < cutoff:
+            self.classified.popleft()
             evicted = True
         if evicted:
             self.generation += 1
@@ -188,6 +197,26 @@ class Drift:
             window.evict(now, self.settings.window_s)
             window.generation += 1
 
+    def record_classified(
+        self,
+        adapter: str,
+        version: str,
+        prompt_ids: Sequence[int],
+        label: int,
+        probability: float,
+    ) -> None:
+        """Add one classified text: its prompt (the request signals) and its prediction."""
+        if not self.settings.enabled:
+            return
+        ids = np.array(prompt_ids, dtype=np.int32)
+        now = self.clock()
+        with self._lock:
+            window = self._window((adapter, version))
+            window.requests.append((now, ids, 0, False))
+            window.classified.append((now, label, probability))
+            window.evict(now, self.settings.window_s)
+            window.generation += 1
+
     def add_feedback(self, adapter: str, version: str, score: float) -> None:
         """Add one feedback score to the window of the version that served the response."""
         if not self.settings.enabled:
@@ -206,7 +235,8 @@ class Drift:
             self._windows.move_to_end(key)
             return window
         size = self.settings.window
-        window = self._windows[key] = Window(deque(maxlen=size), deque(maxlen=size))
+        window = Window(deque(maxlen=size), deque(maxlen=size), deque(maxlen=size))
+        self._windows[key] = window
         if len(self._windows) > self.settings.max_versions:
             oldest, _ = self._windows.popitem(last=False)
             self._forget(oldest)
@@ -235,7 +265,8 @@ class Drift:
             window = self._windows.get(key)
             requests = [r for r in window.requests if r[0] >= cutoff] if window else []
             feedback = [s for at, s in window.feedback if at >= cutoff] if window else []
-        return DriftWindow(requests, feedback, self._profile(key))
+            classified = [c for c in window.classified if c[0] >= cutoff] if window else []
+        return DriftWindow(requests, feedback, self._profile(key), classified)
 
     def report(self, adapter: str, version: int | str) -> dict[str, Any]:
         """Baseline and live distributions, score, threshold and status of every signal.
@@ -314,9 +345,10 @@ class Drift:
                 generation = window.generation
                 requests = list(window.requests)
                 feedback = [score for _, score in window.feedback]
+                classified = list(window.classified)
         if window is None:
             return evaluate([], [], self._profile(key), self.settings)
-        signals = evaluate(requests, feedback, self._profile(key), self.settings)
+        signals = evaluate(requests, feedback, self._profile(key), self.settings, classified)
         with self._lock:
             if generation > window.result_generation:
                 window.result, window.result_generation = signals, generation

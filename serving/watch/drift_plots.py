@@ -13,6 +13,8 @@ TITLES = {
     "completion_length": "Completion length (tokens)",
     "length_stop_share": "Completions cut by max_tokens",
     "feedback": "Negative feedback",
+    "predicted_label": "Predicted labels (a classifier)",
+    "top_probability": "Mean probability of the predicted label (a classifier)",
 }
 KINDS = {
     "prompt_length": "PSI",
@@ -20,6 +22,8 @@ KINDS = {
     "completion_length": "PSI",
     "length_stop_share": "share",
     "feedback": "share",
+    "predicted_label": "PSI",
+    "top_probability": "drop",
 }
 TOP_TOKENS = 20  # token bars drawn: the largest by baseline or live share
 COLORS = {"baseline": "#4c72b0", "live": "#dd8452", "threshold": "#c44e52"}
@@ -31,14 +35,28 @@ VERDICTS = {
 }
 
 
+CLASSIFIER_SIGNALS = ("predicted_label", "top_probability")
+GENERATION_SIGNALS = ("completion_length", "length_stop_share")
+
+
+def drawn(signals: dict[str, Any]) -> dict[str, Any]:
+    """The signals of a report worth drawing: a classifier's (its profile names labels)
+    without the completion signals, a generation version's without the classifier's."""
+    classifier = bool(signals.get("predicted_label", {}).get("labels"))
+    skip = GENERATION_SIGNALS if classifier else CLASSIFIER_SIGNALS
+    return {name: signal for name, signal in signals.items() if name not in skip}
+
+
 def plot_signal(name: str, signal: dict[str, Any]) -> bytes:
     """PNG of one signal: baseline vs live shares per bin, or the live share vs threshold."""
     from matplotlib.figure import Figure
 
-    share = name in ("length_stop_share", "feedback")
+    share = name in ("length_stop_share", "feedback", "top_probability")
     figure = Figure(figsize=(9.0, 2.0 if share else 3.6), dpi=100, layout="constrained")
     axes = figure.add_subplot()
-    if share:
+    if name == "top_probability":
+        _plot_mean(axes, signal)
+    elif share:
         _plot_share(axes, signal)
     else:
         labels, baseline, live = _bars(name, signal)
@@ -63,7 +81,9 @@ def plot_signal(name: str, signal: dict[str, Any]) -> bytes:
             fontsize=8,
         )
         axes.set_ylabel("share")
-        axes.set_xlabel("token" if name == "prompt_tokens" else "length in tokens")
+        axes.set_xlabel(
+            {"prompt_tokens": "token", "predicted_label": "label"}.get(name, "length in tokens")
+        )
         axes.legend()
     score = "not scored" if signal["score"] is None else f"{signal['score']:.3f}"
     verdict = VERDICTS.get(signal["status"], (signal["status"], ""))[0]
@@ -75,6 +95,23 @@ def plot_signal(name: str, signal: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _plot_mean(axes: Any, signal: dict[str, Any]) -> None:
+    """The live mean top probability against the held-out evaluation's."""
+    axes.barh(["live"], signal["live"], color=COLORS["live"], height=0.4)
+    if signal["baseline"]:
+        expected = signal["baseline"][0]
+        axes.axvline(expected, color=COLORS["baseline"], label=f"held-out mean {expected:.3f}")
+        axes.axvline(
+            expected - signal["threshold"],
+            color=COLORS["threshold"],
+            linestyle="--",
+            label=f"held-out mean - {signal['threshold']:g}",
+        )
+        axes.legend(loc="lower left")
+    axes.set_xlim(0, 1)
+    axes.set_xlabel(f"mean probability of the predicted label ({signal['samples']} texts)")
 
 
 def _plot_share(axes: Any, signal: dict[str, Any]) -> None:
@@ -99,6 +136,8 @@ def _bars(name: str, signal: dict[str, Any]) -> tuple[list[str], list[float] | N
     live = _normalize(signal["live"])
     baseline = _normalize(signal["baseline"]) if signal["baseline"] is not None else None
     either = [max(a, b) for a, b in zip(baseline or live, live, strict=True)]
+    if name == "predicted_label":
+        return signal["labels"], baseline, live
     if name == "prompt_tokens":
         names = signal.get("labels") or [str(b) for b in signal["bins"][:-1]] + ["other"]
         top = sorted(range(len(either) - 1), key=lambda i: -either[i])[:TOP_TOKENS]

@@ -20,6 +20,8 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "completion_length": 0.25,
     "length_stop_share": 0.5,
     "feedback": 0.25,
+    "predicted_label": 0.25,
+    "top_probability": 0.2,
 }
 EPSILON = 1e-4
 """Probability given to a histogram bin that is empty on one side only (PSI is infinite
@@ -136,6 +138,7 @@ class Signal:
 
 
 Request = tuple[float, npt.NDArray[np.int32], int, bool]
+Classified = tuple[float, int, float]  # (time, predicted label index, its probability)
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ class DriftWindow:
     requests: Sequence[Request]
     feedback: Sequence[float]
     profile: BaselineProfile | None
+    classified: Sequence[Classified] = ()
 
 
 CUT_LABELS = ["ended by itself", "cut by max_tokens"]
@@ -156,9 +160,11 @@ def evaluate(
     feedback: Sequence[float],
     profile: BaselineProfile | None,
     settings: DriftSettings,
+    classified: Sequence[Classified] = (),
 ) -> dict[str, Signal]:
     """Every signal of one window against `profile` (None: no scores, only counts)."""
     n, rated = len(requests), len(feedback)
+    labels = profile.labels if profile else None
     edges = list(profile.length_edges if profile else LENGTH_EDGES)
     cut = sum(1 for r in requests if r[3])
     negative = sum(1 for score in feedback if score < 0)
@@ -178,9 +184,14 @@ def evaluate(
             n,
             edges,
         ),
-        judge.share("length_stop_share", cut, n, settings.min_samples, CUT_LABELS),
         judge.share("feedback", negative, rated, settings.min_feedback, FEEDBACK_LABELS),
+        *_classifier_signals(judge, profile, classified),
     ]
+    if labels is None:  # a classifier generates nothing to stop
+        signals.append(judge.share("length_stop_share", cut, n, settings.min_samples, CUT_LABELS))
+    else:
+        empty = np.zeros(0)
+        signals.append(judge.signal("length_stop_share", n, None, empty, lambda: 0.0))
     if profile is None:
         signals.append(judge.signal("prompt_tokens", n, None, np.zeros(0), lambda: 0.0))
     else:
@@ -197,6 +208,38 @@ def evaluate(
             )
         )
     return {name: s for name in SIGNALS for s in signals if s.name == name}
+
+
+def _classifier_signals(
+    judge: _Judge, profile: BaselineProfile | None, classified: Sequence[Classified]
+) -> list[Signal]:
+    """predicted_label: PSI of the predicted labels against the training labels;
+    top_probability: how far the mean probability of the predicted label fell below the
+    held-out mean (0 when it did not). No baseline unless the profile is a classifier's."""
+    labels = profile.labels if profile else None
+    n = len(classified)
+    if labels is None or profile is None or profile.label_counts is None:
+        empty = np.zeros(0)
+        return [
+            judge.signal("predicted_label", n, None, empty, lambda: 0.0),
+            judge.signal("top_probability", n, None, empty, lambda: 0.0),
+        ]
+    base = np.asarray(profile.label_counts, np.float64)
+    predicted = np.asarray([c[1] for c in classified], dtype=np.int64)
+    live: Counts = np.bincount(predicted, minlength=len(labels))[: len(labels)].astype(np.float64)
+    expected = profile.mean_top_probability
+    mean = float(np.mean([c[2] for c in classified])) if classified else 0.0
+    return [
+        judge.signal("predicted_label", n, base, live, lambda: psi(base, live), labels=labels),
+        judge.signal(
+            "top_probability",
+            n,
+            None if expected is None else np.array([expected]),
+            np.array([mean]),
+            lambda: max(0.0, (expected or 0.0) - mean),
+            labels=["mean top probability"],
+        ),
+    ]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import pytest
 
 from registry import Registry
 from registry.storage import jobs
+from serving.watch.drift_plots import CLASSIFIER_SIGNALS
 
 ARTIFACTS = Path(os.environ.get("LORAFLEET_ARTIFACTS", Path(__file__).parents[1] / "artifacts"))
 PROMPT = "Review: the soup was cold and the waiter rude.\nSentiment:"
@@ -217,7 +218,8 @@ def test_drift_plots_are_the_drift_report_pngs(service: Any) -> None:
     assert answer.status_code == 200, answer.text
     report = answer.json()
     assert report["model"] == "alpha@1" and report["baseline"] is True
-    assert set(report["plots"]) == set(report["signals"])
+    # A generation adapter: every signal but a classifier's own is drawn.
+    assert set(report["plots"]) == set(report["signals"]) - set(CLASSIFIER_SIGNALS)
     assert all(uri.startswith("data:image/png;base64,iVBOR") for uri in report["plots"].values())
     missing = service.admin("/admin/dashboard/drift?model=alpha@9")
     assert missing.status_code == 404
