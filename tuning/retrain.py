@@ -304,6 +304,11 @@ def prepare(
             "`lorafleet tune`), so a job cannot rebuild its data; register a version trained "
             f"by `lorafleet tune` as {production.adapter}:production"
         )
+    if recorded.get("task") == "classification":
+        raise RetrainError(
+            f"{production.ref} is a classifier; retraining jobs rebuild generation adapters "
+            "only: retrain it with `lorafleet tune` on its config and register the result"
+        )
     out = job_dir(registry, job_id)
     (out / "data").mkdir(parents=True, exist_ok=True)
     raw_data = recorded["data"]

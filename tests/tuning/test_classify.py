@@ -88,6 +88,10 @@ def test_registry_checks_the_head_against_labels_and_base(
     with pytest.raises(AdapterConfigError, match="has no labels"):
         registry.register("other", copy)
     assert registry.adapter_names() == ["sentiment-classifier"]
+    from tuning.retrain import RetrainError, prepare
+
+    with pytest.raises(RetrainError, match="is a classifier; retraining jobs rebuild generation"):
+        prepare(registry, record, registry.settings("sentiment-classifier"), 1)
 
 
 def test_labels_outside_the_set_and_metric_definitions(tiny_base: Path, tmp_path: Path) -> None:
@@ -115,3 +119,31 @@ def test_labels_outside_the_set_and_metric_definitions(tiny_base: Path, tmp_path
     assert got["accuracy"] == pytest.approx(0.6)
     assert got["macro_f1"] == pytest.approx((1 + 0.5 + 0.5) / 3)
     assert got["confusion"]["matrix"] == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
+
+
+def test_class_weights_weigh_the_loss(tiny_base: Path, tmp_path: Path) -> None:
+    from tuning.classify import ClassObjective, class_weights
+    from tuning.data import Example
+
+    train = [Example([1, 2], [], [1, 2], label=label) for label in "aaaaaabb"]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "x", "label": "a"}) + "\n")
+    base = [f"base={tiny_base}", "task=classification", f"data.train=[{data}]", "output.dir=x"]
+    balanced = load_config(None, [*base, "training.class_weights=balanced"])
+    weights = class_weights(balanced, train, ["a", "b"])
+    assert weights is not None and weights.tolist() == pytest.approx([8 / 12, 8 / 4])
+    given = load_config(None, [*base, "training.class_weights={a: 1, b: 5}"])
+    assert class_weights(given, train, ["a", "b"]).tolist() == [1.0, 5.0]  # type: ignore[union-attr]
+    assert class_weights(load_config(None, base), train, ["a", "b"]) is None
+
+    class Logits:  # a model whose head says the same for every row
+        def __call__(self, **_: object) -> object:
+            return type("Out", (), {"logits": torch.tensor([[2.0, 0.0], [2.0, 0.0]])})()
+
+    batch = {"input_ids": torch.ones(2, 2, dtype=torch.long), "attention_mask": torch.ones(2, 2)}
+    batch["labels"] = torch.tensor([0, 1])
+    plain = ClassObjective({"a": 0, "b": 1}).loss(Logits(), batch)
+    weighted = ClassObjective({"a": 0, "b": 1}, weights).loss(Logits(), batch)
+    wrong, right = -torch.tensor([2.0, 0.0]).log_softmax(-1)[[1, 0]]
+    assert plain.item() == pytest.approx((wrong + right).item() / 2)
+    assert weighted.item() == pytest.approx(((8 / 12) * right + 2 * wrong).item() / (8 / 12 + 2))
