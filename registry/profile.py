@@ -33,6 +33,8 @@ SIGNALS = (
     "predicted_label",
     "top_probability",
 )
+CLASSIFIER_SIGNALS = ("predicted_label", "top_probability")  # a classifier's versions only
+GENERATION_SIGNALS = ("completion_length", "length_stop_share")  # a generation adapter's only
 
 
 def length_bin(length: int) -> int:

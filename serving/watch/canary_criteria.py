@@ -46,6 +46,7 @@ from functools import partial
 import numpy as np
 
 from registry.loop_records import AdapterSettings
+from registry.profile import CLASSIFIER_SIGNALS, GENERATION_SIGNALS
 from serving.watch.canary_stats import Criterion, State, VersionStats
 from serving.watch.drift_signals import DriftSettings, DriftWindow, evaluate
 
@@ -299,7 +300,12 @@ def _drift(drift: DriftInput) -> list[_Evidence | Criterion]:
     theirs = _scores(drift.production, settings) if drift.production is not None else {}
     n = (len(drift.canary.requests), len(drift.production.requests) if drift.production else 0)
     out: list[_Evidence | Criterion] = []
+    profile = drift.canary.profile
+    classifier = profile is not None and profile.labels is not None
+    foreign = GENERATION_SIGNALS if classifier else CLASSIFIER_SIGNALS
     for signal, threshold in settings.thresholds.items():
+        if signal in foreign:  # a signal of the other kind of adapter
+            continue
         score, other = mine.get(signal), theirs.get(signal)
         name = f"drift.{signal}"
         if score is None:

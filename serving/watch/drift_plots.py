@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from registry.profile import CLASSIFIER_SIGNALS, GENERATION_SIGNALS
+
 TITLES = {
     "prompt_length": "Prompt length (tokens)",
     "prompt_tokens": "Prompt tokens (the baseline's most frequent ids + other)",
@@ -33,10 +35,6 @@ VERDICTS = {
     "not enough samples": ("not enough samples", "#8c8c8c"),
     "no baseline": ("no baseline profile", "#8c8c8c"),
 }
-
-
-CLASSIFIER_SIGNALS = ("predicted_label", "top_probability")
-GENERATION_SIGNALS = ("completion_length", "length_stop_share")
 
 
 def drawn(signals: dict[str, Any]) -> dict[str, Any]:

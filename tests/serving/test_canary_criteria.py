@@ -217,6 +217,38 @@ def test_drift_compares_the_canary_with_production_on_the_same_period() -> None:
     assert both["drift.prompt_tokens"].state == "pass"
 
 
+def test_a_classifier_canary_is_judged_on_its_predicted_labels() -> None:
+    settings = DriftSettings(min_samples=30, interval_s=3600, enabled=False)
+    profile = build_profile(
+        PROMPTS * 10, vocab_size=64, label_counts={"neg": 15, "pos": 15}, mean_top_probability=0.9
+    )
+
+    def classified(labels: list[int], top: float) -> DriftWindow:
+        requests = [(0.0, np.array(p, dtype=np.int32), 0, False) for p in PROMPTS * 12]
+        return DriftWindow(requests, [], profile, [(0.0, label, top) for label in labels])
+
+    balanced = classified([0, 1] * 18, 0.92)
+    one_sided = classified([1] * 36, 0.6)
+    steady = version([0.01] * 20)
+    calm = by_name(
+        compare_stats(steady, steady, NO_FEEDBACK, DriftInput(balanced, balanced, settings))
+    )
+    assert (
+        calm["drift.predicted_label"].state == "pass"
+        and calm["drift.top_probability"].state == "pass"
+    )
+    assert "drift.completion_length" not in calm and "drift.length_stop_share" not in calm
+    shifted = by_name(
+        compare_stats(steady, steady, NO_FEEDBACK, DriftInput(one_sided, balanced, settings))
+    )
+    assert shifted["drift.predicted_label"].state == "fail"  # all "pos", trained half and half
+    assert shifted["drift.top_probability"].state == "fail"  # 0.6 against 0.9 held out
+    generation = by_name(
+        compare_stats(steady, steady, NO_FEEDBACK, DriftInput(window(PROMPTS * 12), None, settings))
+    )
+    assert "drift.predicted_label" not in generation and "drift.completion_length" in generation
+
+
 def test_shadow_agreement_is_a_criterion_once_it_has_its_pairs() -> None:
     settings = NO_FEEDBACK.model_copy(
         update={"shadow_share": 0.2, "shadow_min_pairs": 20, "shadow_min_agreement": 0.5}

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from registry import Registry
+from registry.profile import CLASSIFIER_SIGNALS
 from registry.storage import jobs
-from serving.watch.drift_plots import CLASSIFIER_SIGNALS
 
 ARTIFACTS = Path(os.environ.get("LORAFLEET_ARTIFACTS", Path(__file__).parents[1] / "artifacts"))
 PROMPT = "Review: the soup was cold and the waiter rude.\nSentiment:"

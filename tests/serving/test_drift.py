@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from registry.profile import BaselineProfile, build_profile
+from registry.profile import CLASSIFIER_SIGNALS, BaselineProfile, build_profile
 from serving.metrics import DRIFT_SCORE, DRIFT_THRESHOLD, DRIFT_WINDOW_SAMPLES
 from serving.serve_config import ServeConfig
 from serving.watch.drift import EPSILON, SIGNALS, Drift, DriftSettings, js_distance, psi
-from serving.watch.drift_plots import CLASSIFIER_SIGNALS
 
 # ---- statistics ---------------------------------------------------------------------------
 
