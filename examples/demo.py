@@ -1,7 +1,8 @@
 """`make demo`: tune, register, serve, hot-swap, watch and retrain, end to end on the CPU.
 
-Builds a tiny base model, fine-tunes two adapters on the example tasks, registers and
-promotes them, starts `lorafleet serve`, asks the base and each adapter, then registers a
+Builds a tiny base model, fine-tunes two adapters on the example tasks and a sentiment
+classifier, registers and promotes them, starts `lorafleet serve`, asks the base and each
+adapter, classifies reviews at /v1/classify beside the generation adapters, then registers a
 new version and promotes and rolls it back while a background client keeps sending
 requests, and prints what served each request. Then the loop: the `topic` adapter gets
 prompts it was not trained on, its drift scores cross their thresholds, the drift alert
@@ -92,8 +93,11 @@ def main() -> None:
     tune("sentiment", "sentiment-1", "--register", "sentiment")
     tune("topic", "topic-1", "--register", "topic")
     tune("sentiment", "sentiment-2", "training.seed=1")  # registered later, under load
+    step("fine-tune a classifier (LoRA + a new head) on the same reviews and register it")
+    tune("sentiment-classifier", "classifier-1", "--register", "sentiment-classifier")
     lorafleet("registry", "promote", "sentiment", "1", "--reason", "launch")
     lorafleet("registry", "promote", "topic", "1", "--reason", "launch")
+    lorafleet("registry", "promote", "sentiment-classifier", "1", "--reason", "launch")
 
     step("start the service")
     port = free_port()
@@ -158,6 +162,15 @@ def serve_phase(http: httpx.Client) -> None:
             served, text = complete(http, model, prompt)
             print(f"   {prompt.splitlines()[0][:58]:<58} {served:<12} -> {text!r}")
 
+    step("classify the same reviews with the classifier (POST /v1/classify, vLLM's API)")
+    reviews = [q.split("\n")[0].removeprefix("Review: ") for q, _ in QUESTIONS[:2]]
+    r = http.post("/v1/classify", json={"model": "sentiment-classifier", "input": reviews})
+    r.raise_for_status()
+    for review, item in zip(reviews, r.json()["data"], strict=True):
+        probs = ", ".join(f"{p:.3f}" for p in item["probs"])
+        served = r.headers["X-Lorafleet-Adapter-Version"]
+        print(f"   {review:<58} {served} -> {item['label']} ({probs})")
+
     step("a new version while a client keeps sending requests")
     stop = threading.Event()
     seen: list[str] = []
@@ -202,6 +215,7 @@ def serve_phase(http: httpx.Client) -> None:
                 "lorafleet_requests_total",
                 "lorafleet_adapters_loaded",
                 "lorafleet_adapter_cache_events_total",
+                "lorafleet_classifications_total",
             )
         ):
             print(f"   {line}")
