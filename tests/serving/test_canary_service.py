@@ -43,6 +43,7 @@ HOG = (
     "import os, time\n"
     "os.sched_setaffinity(0, {0})\n"
     "end = time.monotonic() + 600\n"
+    "print('spinning', flush=True)\n"
     "while time.monotonic() < end:\n"
     "    pass\n"
 )
@@ -286,10 +287,13 @@ def promote_under_a_cpu_hog(service: Service, registry: Registry, seed: int) -> 
     """The demo's canary loop (rounds of 8 requests from 4 clients at once, greedy, up to 16
     tokens) with a process spinning on core 0 all along: the verdict (or the hold) and the
     requests sent."""
-    hog = subprocess.Popen([sys.executable, "-c", HOG])
+    hog = subprocess.Popen([sys.executable, "-c", HOG], stdout=subprocess.PIPE, text=True)
     try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == "spinning"
         before = len(events(registry, "good", "canary.verdict"))
-        registry.set_alias("good", "canary", 2, weight=0.5, actor="tests", reason="retrained")
+        # Both sides' samples under the hog: none from before it spun, none that the old
+        # alias map sent to production alone (the verdict counts from the alias move).
+        set_canary(service, registry, "good", 0.5)
         rng, prompts, sent = random.Random(seed), demo_prompts(), 0
 
         def one(prompt: str) -> None:
