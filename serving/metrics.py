@@ -135,6 +135,13 @@ LORA_REQUESTS_INFO = ProcessGauge(
     "the time of the reading",
     ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
 )
+ENGINE_THREADS = ProcessGauge(
+    "lorafleet_engine_threads",
+    "torch threads the hf engine computes with now: every core, fewer while other processes "
+    "keep one busy, unless --threads fixes them (registry/hardware.py); labelled with the "
+    "dtype and the CPU",
+    ("engine", "dtype", "cpu"),
+)
 CANARY_VERDICTS = Counter(
     "lorafleet_canary_verdicts",
     "Canary verdicts this server reached (promoted | rolled_back | held)",

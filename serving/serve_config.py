@@ -32,8 +32,12 @@ class ServeConfig(BaseModel):
     """Registry directory (default $LORAFLEET_HOME or ~/.lorafleet)."""
     engine: Literal["auto", "hf", "vllm"] = "auto"
     """auto: vllm where CUDA is present, else hf (the embedded CPU default)."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """Base weights dtype of the hf engine."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype; auto: bf16 where the CPU has AMX or AVX512-BF16 (or on a GPU with
+    bf16), fp32 elsewhere, or $LORAFLEET_DTYPE when set (registry/hardware.py)."""
+    threads: int | None = Field(None, ge=1, le=1024, json_schema_extra={"cli": {"metavar": "N"}})
+    """torch threads of the hf engine; unset: every core, fewer while other processes keep
+    one busy (measured as the engine runs)."""
     max_adapters: int = Field(8, ge=1, le=1024)
     """Adapter versions resident at once (engine slots)."""
     max_rank: int = Field(16, ge=1, le=1024)

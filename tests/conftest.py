@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype auto means bf16 on CPUs with AMX or AVX512-BF16 and fp32 elsewhere; the references
+# the tests compare with are fp32 on every machine (tests/registry/test_hardware.py checks auto).
+os.environ["LORAFLEET_DTYPE"] = "fp32"
 
 LORAFLEET = str(Path(sys.executable).with_name("lorafleet"))
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -31,6 +31,7 @@ class TrainState:
     train_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
     eval_losses: list[list[float]] = field(default_factory=list)  # [step, loss]
     stages: list[list[int]] = field(default_factory=list)  # unfreezing: [step, last layers]
+    threads: list[list[int]] = field(default_factory=list)  # [step, torch threads from it]
 
 
 def trainable_state(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from registry.hardware import resolve_dtype
 from tuning.config import TuneConfig
 from tuning.data import Example, chunks, pad_batch
 from tuning.errors import ConfigError, DataError
@@ -84,7 +85,7 @@ def build_classifier(config: TuneConfig, base: Path, labels: list[str], pad_id: 
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    dtype = torch.bfloat16 if config.training.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if resolve_dtype(config.training.dtype) == "bf16" else torch.float32
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # the new head and lm_head
     try:

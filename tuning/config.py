@@ -148,8 +148,11 @@ class TrainingConfig(BaseModel):
     """Continue from the last checkpoint in output.dir if there is one."""
     seed: int = 0
     """Seed of adapter initialisation, data order and dropout."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """Base model weights dtype; LoRA weights train in fp32."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Base model weights dtype; LoRA weights train in fp32. auto: bf16 where the CPU has
+    AMX or AVX512-BF16 (or on a GPU with bf16), else fp32; the run records the one used."""
+    threads: int | None = Field(None, ge=1, le=1024)
+    """torch threads; unset: every core, fewer while other processes keep one busy."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
     log_every: int = Field(10, ge=1)

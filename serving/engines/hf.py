@@ -12,6 +12,8 @@ engine: why it is written by hand" (measured on 2 cores). This engine runs a sma
   forward pass, then they join the next decode step), so requests for different adapters
   and the base share forward passes.
 - Adapters are routed per row by `lora_slots` (stacked A/B, one mask per step).
+- The dtype (`auto`: bf16 only where the CPU computes it natively) and the engine thread's
+  torch threads (adapted to the CPU's load unless fixed) come from registry/hardware.py.
 - Each row's next token is chosen from the step's logits by serving/engines/token_choice.py:
   greedy rows that shape nothing take theirs from one argmax over the batch; only the rows
   with penalties, bias, sampling or a grammar pay for `sampling.Shaping`, and only the rows
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,12 +36,13 @@ from typing import Any
 import torch
 
 from registry.families import hf_verdict, read_config
+from registry.hardware import ThreadTuner, resolve_dtype
 from serving.engines import seam
 from serving.engines.heads import Classifications, refuse, run_classifications
 from serving.engines.lora_slots import AdapterSlots, read_adapter
 from serving.engines.row_model import RowModel
 from serving.engines.seam import GenerationRequest, OnEvent, TokenEvent
-from serving.engines.token_choice import Queued, Row, TokenChoice
+from serving.engines.token_choice import Queued, Row, TokenChoice, compact
 from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
 
 logger = logging.getLogger(__name__)
@@ -51,16 +55,19 @@ class HFEngine:
         self,
         base_dir: Path | str,
         *,
-        dtype: str = "fp32",
+        dtype: str = "auto",
         max_batch: int = 32,
         max_len: int = 1024,
         adapter_slots: int = 8,
         max_rank: int = 16,
         max_queue: int = 256,
+        threads: int | None = None,
     ) -> None:
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.max_rank, self.adapter_slots = max_rank, adapter_slots
-        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.dtype_name = resolve_dtype(dtype)  # registry/hardware.py
+        self.dtype = torch.bfloat16 if self.dtype_name == "bf16" else torch.float32
+        self._threads = threads
         self.rows: list[Row] = []
         self.max_batch_seen = 0  # largest decode batch so far (tests, metrics)
         self._pending: deque[Queued] = deque()
@@ -184,6 +191,8 @@ class HFEngine:
     def _run(self, base_dir: Path, ready: Future[None]) -> None:
         torch.set_grad_enabled(False)
         try:
+            # Set here: torch's thread count belongs to the thread that runs the math.
+            self.threads = ThreadTuner(self._threads)
             self._load(base_dir)
         except BaseException as err:  # handed to the constructor
             ready.set_exception(err)
@@ -312,7 +321,7 @@ class HFEngine:
         self._advance(rows, logits)
 
     def _decode_step(self) -> None:
-        rows = self.rows
+        rows, start = self.rows, time.perf_counter()
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
         ids = torch.tensor([[r.last_token] for r in rows])
         positions = torch.tensor([[r.length] for r in rows])
@@ -321,6 +330,7 @@ class HFEngine:
         for row in rows:
             row.length += 1
         self._advance(rows, logits)
+        self.threads.observe(time.perf_counter() - start, len(rows))
         self._compact()
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -364,17 +374,7 @@ class HFEngine:
             logger.exception("token callback of %s failed", request.request_id)
 
     def _compact(self) -> None:
-        """Drop finished rows, moving the last row into each hole (KV included)."""
-        i = 0
-        while i < len(self.rows):
-            if not self.rows[i].done:
-                i += 1
-                continue
-            last = len(self.rows) - 1
-            if i != last:
-                self.rows_model.cache.move(last, i, self.rows[last].length)
-                self.rows[i] = self.rows[last]
-            self.rows.pop()
+        compact(self.rows, self.rows_model.cache.move)
 
     def _cancel_everything(self) -> None:
         for row in self.rows:

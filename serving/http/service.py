@@ -22,9 +22,10 @@ from bentoml.serving import running_inside_container
 from prometheus_client import generate_latest
 
 from registry.errors import LorafleetError
+from registry.hardware import cpu_info
 from registry.names import DEFAULT_ALIAS
 from serving.http.app import app
-from serving.metrics import LORA_REQUESTS_INFO, PROCESS_METRICS
+from serving.metrics import ENGINE_THREADS, LORA_REQUESTS_INFO, PROCESS_METRICS
 from serving.runtime.server import Server
 from serving.serve_config import START_FAILURE_ENV, load_serve_config
 
@@ -59,6 +60,7 @@ class LoraFleet:
         """BentoML's /metrics text plus the gauges kept in this process (drift scores,
         whose label sets must disappear, which multiprocess mode cannot do)."""
         export_lora_info(self.server)
+        export_threads(self.server)
         return content + generate_latest(PROCESS_METRICS).decode()
 
     @bentoml.on_shutdown  # type: ignore[untyped-decorator]
@@ -90,6 +92,13 @@ def export_lora_info(server: Server) -> None:
         if old != labels:
             LORA_REQUESTS_INFO.remove(old)
     LORA_REQUESTS_INFO.set(labels, time.time())
+
+
+def export_threads(server: Server) -> None:
+    tuner = getattr(server.engine, "threads", None)  # the hf engine's ThreadTuner
+    if tuner is not None:
+        dtype = str(getattr(server.engine, "dtype_name", ""))
+        ENGINE_THREADS.set((server.engine_name, dtype, cpu_info().model), tuner.current)
 
 
 def failure_line(err: BaseException) -> str:

@@ -10,6 +10,8 @@ swaps under load over real sockets, a client that hangs up mid-stream and the me
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import threading
@@ -329,6 +331,12 @@ def test_metrics_are_labelled_by_adapter_and_version(bento: Service) -> None:
     ):
         assert name in text, name
     assert 'lorafleet_requests_total{adapter="alpha",status="ok",version="1"}' in text
+    # The engine's threads (every core at start: nothing else keeps one busy for long) and
+    # the dtype auto resolved to ($LORAFLEET_DTYPE, fp32 in the tests).
+    threads = re.search(r"^lorafleet_engine_threads\{([^}]*)\} (\S+)$", text, re.M)
+    assert threads, "no lorafleet_engine_threads"
+    assert 'engine="hf"' in threads.group(1) and 'dtype="fp32"' in threads.group(1)
+    assert 1 <= float(threads.group(2)) <= len(os.sched_getaffinity(0))
 
 
 def test_promtool_finds_no_problems_in_our_metrics(bento: Service) -> None:

@@ -140,6 +140,10 @@ def test_early_stopping_keeps_best_weights(
     )
     train = result.metadata.metrics["train"]
     assert train["stopped_early"] and train["steps"] < 40
+    # The record says what computed it: auto resolved ($LORAFLEET_DTYPE fp32 in the tests),
+    # the CPU, and the torch threads from step 0 on.
+    assert train["dtype"] == "fp32" and train["cpu"]["model"]
+    assert train["threads"][0][0] == 0 and train["threads"][0][1] >= 1
     best = min(loss for _, loss in train["eval_losses"])
     assert train["best_eval_loss"] == best
     assert result.metadata.metrics["eval_loss"] == pytest.approx(best, rel=1e-5)
