@@ -22,7 +22,9 @@ Groups (all by default, in this order):
               B17 promote to served: SQLite polling / PostgreSQL NOTIFY
 
 Prints a table of ratios and writes loadtests/results/<timestamp>.json and PNG plots beside
-it. Each figure carries its setup and every repeat's value (median and min-max printed).
+it. Each figure carries its setup and every repeat's value (median and min-max printed); the
+file records the CPU (model, capability flags), torch and the dtype. The files behind the
+figures that docs/performance.md quotes are kept in loadtests/baselines/.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 
 from loadtests.bench.common import RESULTS, Figure, Setup, build_base, make_adapters, register
 from loadtests.bench.throughput import Sweeps
+from registry.hardware import DTYPE_CHOICES, cpu_info, resolve_dtype
 
 GROUPS = (
     "throughput",
@@ -72,6 +75,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", choices=["tiny", "small"], default="small")
     parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="auto: bf16 where the CPU has AMX or AVX512-BF16, else fp32 (registry/hardware.py)",
+    )
     args = parser.parse_args()
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
@@ -79,7 +88,9 @@ def main() -> None:
         parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     if "engines" in groups and "throughput" not in groups:
         parser.error("engines compares with throughput's B1: add throughput to --only")
-    setup = Setup(model=args.model, repeats=args.repeats)
+    setup = Setup(model=args.model, repeats=args.repeats, dtype=resolve_dtype(args.dtype))
+    cpu = cpu_info()
+    print(f"cpu: {cpu.model}, {cpu.cores} cores, {' '.join(cpu.flags)}", flush=True)
     started = time.perf_counter()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     figures: list[Figure] = []
@@ -154,7 +165,13 @@ def main() -> None:
     record = {
         "started": stamp,
         "minutes": round(took / 60, 1),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "cpu": cpu.as_dict(),
+            "torch": torch_version(),
+        },
+        "dtype": {"asked": args.dtype, "used": setup.dtype},
         "groups": groups,
         "figures": [f.record() for f in figures],
     }
@@ -165,6 +182,12 @@ def main() -> None:
 
         for plot in write_plots(RESULTS / stamp, sweeps, figures):
             print(f"plot: {plot}")
+
+
+def torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
 
 
 if __name__ == "__main__":

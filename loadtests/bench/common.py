@@ -32,7 +32,7 @@ class Setup:
     """The load every throughput figure runs unless its own setup says otherwise."""
 
     model: str = "small"
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # main() sets what --dtype (default auto) resolved to
     streams: int = 32
     new_tokens: int = 64
     adapters: int = 8
