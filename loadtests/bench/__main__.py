@@ -17,6 +17,9 @@ Groups (all by default, in this order):
   families    B14 the hf engine on transformers' own modules / the forward pass it had
               written for Llama (a git worktree of that commit), mixed and base only;
               B15 mixed / base only on a Qwen3 base of the same size
+  roofline    R1 the hf engine's base-only decode step / this machine's bound for it
+              (hot GEMM rate and weight-streaming bandwidth, measured), and the step's
+              time split into matmuls, attention, other ops, the rest, and LoRA
   replicas    B16 3 replicas on PostgreSQL + S3 behind HAProxy, Zipf traffic over 300
               adapters: affinity routing / round robin (tok/s, cache hit rate);
               B17 promote to served: SQLite polling / PostgreSQL NOTIFY
@@ -54,6 +57,7 @@ GROUPS = (
     "dashboard",
     "openai",
     "families",
+    "roofline",
     "replicas",
 )
 
@@ -151,6 +155,10 @@ def main() -> None:
             from loadtests.bench.families import families_figures
 
             show(families_figures(work, base, home, names, setup))
+        if "roofline" in groups:
+            from loadtests.bench.roofline import roofline_figure
+
+            show([roofline_figure(work, base, adapters, setup)])
         if "replicas" in groups:
             from loadtests.bench.replicas import replicas_figures
 
