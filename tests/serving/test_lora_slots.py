@@ -100,3 +100,44 @@ def test_unservable_adapters_are_refused(
         NotServable, match="max rank 4 of this engine; start the server with --max-rank 8"
     ):
         AdapterSlots(model, slots=1, max_rank=4).load(0, read_adapter(adapters[1]))
+
+
+def test_gathered_and_fused_matrices_follow_the_slots_in_use_and_their_contents(
+    tiny_base: Path, adapters: list[Path]
+) -> None:
+    """Every slot in use (A_all in the base matmul) and some (gathered rows, kept while the
+    slots in use stay the same): other slots, or new weights in a slot, are picked up at the
+    next pass."""
+    ids = torch.randint(10, 500, (3, 8), generator=torch.Generator().manual_seed(3))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    slots = AdapterSlots(model, slots=3, max_rank=8)
+    slots.load(0, read_adapter(adapters[0]))
+    slots.load(1, read_adapter(adapters[1]))
+
+    def run(rows: list[int | None]) -> torch.Tensor:
+        slots.set_rows(rows, torch.float32)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    want: dict[int | None, torch.Tensor] = {
+        i: peft_logits(tiny_base, a, ids) for i, a in enumerate(adapters)
+    }
+    want[None] = peft_logits(tiny_base, None, ids)
+
+    def check(rows: list[int | None], contents: dict[int, int]) -> None:
+        got = run(rows)
+        for row, slot in enumerate(rows):
+            expected = want[None if slot is None or slot not in contents else contents[slot]]
+            torch.testing.assert_close(got[row], expected[row], atol=2e-5, rtol=1e-4)
+
+    for rows in ([0, 1, None], [0, 1, None], [1, None, 1], [0, 1, 2], [0, 0, 0]):
+        check(rows, {0: 0, 1: 1})  # slot 2 empty: the base
+    slots.load(2, read_adapter(adapters[2]))  # every slot in use: the fused matmul
+    check([2, 0, 1], {0: 0, 1: 1, 2: 2})
+    check([0, 0, None], {0: 0})
+    slots.load(0, read_adapter(adapters[2]))  # same slots in use as before, new weights
+    check([0, 0, None], {0: 2})
+    check([0, 1, 2], {0: 2, 1: 1, 2: 2})
+    # A_all lies under the base weight: the base layer's weight is a view of `fused`.
+    layer = slots.layers["model.layers.0.self_attn.q_proj"]
+    assert layer.base.weight.data_ptr() == layer.fused.data_ptr()
