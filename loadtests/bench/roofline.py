@@ -38,7 +38,7 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul", "aten::
 def roofline_figure(work: Path, base: Path, adapters: list[Path], setup: Setup) -> Figure:
     out = work / "roofline.json"
     args = [f"--base={base}", f"--dtype={setup.dtype}", f"--streams={setup.streams}"]
-    args += [f"--out={out}", f"--repeats={setup.repeats}"]
+    args += [f"--out={out}", f"--repeats={setup.repeats}", f"--rank={setup.rank}"]
     args += [f"--adapters={a}" for a in adapters]
     subprocess.run([sys.executable, "-m", "loadtests.bench.roofline", *args], check=True, cwd=ROOT)
     found = json.loads(out.read_text())
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), required=True)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=8, help="the engine's max rank")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -177,7 +178,7 @@ def main() -> None:
     batch = args.streams
     found: dict[str, Any] = limits(model, batch, dtype)
 
-    slots = AdapterSlots(model, max(1, len(args.adapters)), 16)
+    slots = AdapterSlots(model, max(1, len(args.adapters)), args.rank)
     for i, path in enumerate(args.adapters):
         slots.load(i, read_adapter(path))
     rows = RowModel(model, batch, 512)
