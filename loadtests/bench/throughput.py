@@ -88,7 +88,7 @@ def http_figures(
         values,
         "mixed",
         "base-only",
-        0.90,
+        0.95,
         latency_s=latency,
     )
     return b1, values["mixed"]
