@@ -69,7 +69,9 @@ def llama_cpp() -> tuple[Path, Path]:
         print(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist", flush=True)
         pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
         spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
-        subprocess.run([*pip, "--no-binary", ":all:", spec, "-d", str(home)], check=True)
+        done = subprocess.run([*pip, "--no-binary", ":all:", spec, "-d", str(home)])
+        if done.returncode or not sdist.exists():
+            raise RuntimeError(f"pip could not download the {spec} source distribution")
     if not (source / "convert_hf_to_gguf.py").exists():
         with tarfile.open(sdist) as archive:
             archive.extractall(home, filter="data")
@@ -88,7 +90,7 @@ def llama_cpp() -> tuple[Path, Path]:
             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
             f"-DLLAMA_BUILD_NUMBER={number}", f"-DLLAMA_BUILD_COMMIT={commit}",
         ]  # fmt: skip
-        print(f"building llama-server from {source} (~7 min on 2 cores; once)", flush=True)
+        print(f"building llama-server from {source} (~8 min on 2 cores; once)", flush=True)
         log = home / "build.log"
         with log.open("w") as out:
             for command in (
