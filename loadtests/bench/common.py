@@ -253,14 +253,19 @@ class ServerProcess:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_group(self.process)
         self.log.close()
+
+
+def stop_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process started with `start_new_session`, and its group; SIGKILL after 60 s."""
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
 
 
 @contextmanager

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from loadtests.bench.common import (
     ratio_figure,
     serve_args,
     serving,
+    stop_group,
 )
 from loadtests.bench.throughput import mixed_models
 
@@ -125,7 +125,7 @@ def to_gguf(source: Path, base: Path, adapters: list[Path], out: Path, dtype: st
 
 
 @contextmanager
-def process(command: list[str], health: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def process(command: list[str], health: str, env: dict[str, str] | None = None) -> Iterator[None]:
     """Run a server in its own process group until `health` answers 200; stop the group."""
     import httpx
 
@@ -150,15 +150,9 @@ def process(command: list[str], health: str, env: dict[str, str] | None = None) 
                 tail = Path(log.name).read_text(errors="replace").splitlines()[-30:]
                 raise RuntimeError(f"{command[0]} did not start:\n" + "\n".join(tail))
             time.sleep(0.5)
-        yield Path(log.name).read_text(errors="replace")
+        yield
     finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
+        stop_group(child)
         log.close()
 
 
