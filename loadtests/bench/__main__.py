@@ -1,6 +1,7 @@
 """Run every comparison side by side in one run and write the results.
 
     python -m loadtests.bench [--model small|tiny] [--repeats N] [--only GROUP,...]
+        [--compile GROUP,...|none]
 
 Groups (all by default, in this order):
   throughput  B1 mixed adapters / base only (HTTP), B3 HTTP / in-process, B2 / naive PEFT
@@ -46,6 +47,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -93,21 +95,33 @@ def main() -> None:
         default="auto",
         help="auto: bf16 where the CPU has AMX or AVX512-BF16, else fp32 (registry/hardware.py)",
     )
+    parser.add_argument(
+        "--compile",
+        default="throughput,peers",
+        help="groups whose lorafleet servers and in-process engine run `serve --compile` "
+        "(the decode step through torch.compile; each such server starts 1-3 min later on "
+        "2 cores); none: no group",
+    )
     args = parser.parse_args()
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
-    unknown = sorted(set(groups) - set(GROUPS))
+    compiled = {g.strip() for g in args.compile.split(",") if g.strip()} - {"none"}
+    unknown = sorted((set(groups) | compiled) - set(GROUPS))
     if unknown:
         parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     if "engines" in groups and "throughput" not in groups:
         parser.error("engines compares with throughput's B1: add throughput to --only")
     setup = Setup(model=args.model, repeats=args.repeats, dtype=resolve_dtype(args.dtype))
+
+    def setup_of(group: str) -> Setup:
+        return replace(setup, compile=group in compiled)
     cpu = cpu_info()
     print(f"cpu: {cpu.model}, {cpu.cores} cores, {' '.join(cpu.flags)}", flush=True)
     started = time.perf_counter()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     figures: list[Figure] = []
     sweeps = Sweeps()
-    print(f"setup: {setup.as_dict()}", flush=True)
+    compiled_text = ", ".join(sorted(compiled)) or "none"
+    print(f"setup: {setup.as_dict()}; compiled: {compiled_text}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:
         work = Path(tmp)
         base = build_base(work, setup.model)
@@ -124,7 +138,7 @@ def main() -> None:
         if "throughput" in groups:
             from loadtests.bench.throughput import throughput_figures
 
-            found, sweeps = throughput_figures(base, home, names, setup)
+            found, sweeps = throughput_figures(base, home, names, setup_of("throughput"))
             figures.extend(found)  # printed as they were measured
         if "swap" in groups:
             from loadtests.bench.swap import swap_figures
@@ -134,7 +148,8 @@ def main() -> None:
             from loadtests.bench.throughput import engines_figure
 
             b1 = next(f for f in figures if f.name == "B1")
-            show([engines_figure(base, home, names, setup, b1.values["mixed"])])
+            hf_setup = setup_of("throughput")  # B8's hf side is B1's mixed
+            show([engines_figure(base, home, names, hf_setup, b1.values["mixed"])])
         if "scale" in groups:
             from loadtests.bench.scale import build_registry, memory_figure, scale_figure
 
@@ -166,7 +181,7 @@ def main() -> None:
         if "peers" in groups:
             from loadtests.bench.peers import peers_figures
 
-            show(peers_figures(work, base, home, names, setup))
+            show(peers_figures(work, base, home, names, setup_of("peers")))
         if "roofline" in groups:
             from loadtests.bench.roofline import roofline_figure
 
@@ -197,6 +212,7 @@ def main() -> None:
         },
         "dtype": {"asked": args.dtype, "used": setup.dtype},
         "groups": groups,
+        "compiled": sorted(compiled & set(groups)),
         "figures": [f.record() for f in figures],
     }
     path.write_text(json.dumps(record, indent=1, default=str))

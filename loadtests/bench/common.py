@@ -39,6 +39,7 @@ class Setup:
     rank: int = 8
     repeats: int = 3
     engine: str = "hf"
+    compile: bool = False  # the hf engine compiles its decode step (serve --compile)
 
     def as_dict(self, **changes: Any) -> dict[str, Any]:
         return {**asdict(self), **changes}
@@ -280,7 +281,9 @@ def serving(
 
 
 def serve_args(setup: Setup, *, slots: int | None = None, engine: str | None = None) -> list[str]:
+    compiled = ["--compile"] if setup.compile and (engine or setup.engine) == "hf" else []
     return [
+        *compiled,
         "--engine",
         engine or setup.engine,
         "--dtype",

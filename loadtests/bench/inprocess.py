@@ -41,6 +41,7 @@ def engine_rounds(
         max_len=512,
         adapter_slots=setup.adapters,
         max_rank=setup.rank,
+        compile=setup.compile,
     )
     for name, path in adapter_paths(home, names).items():
         engine.load_adapter(f"{name}@1", path)

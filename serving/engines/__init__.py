@@ -40,6 +40,8 @@ def build_engine(config: ServeConfig) -> tuple[str, Engine]:
                 "VLLM_CPU_OMP_THREADS_BIND",
                 config.threads,
             )
+        if config.compile:
+            logger.warning("--compile is ignored: it compiles the hf engine's decode step")
         try:
             from serving.engines.vllm import VLLMEngine
         except ImportError as err:
@@ -50,4 +52,9 @@ def build_engine(config: ServeConfig) -> tuple[str, Engine]:
         return "vllm", VLLMEngine(config.base, **options)  # type: ignore[arg-type]
     from serving.engines.hf import HFEngine
 
-    return "hf", HFEngine(config.base, threads=config.threads, **options)  # type: ignore[arg-type]
+    return "hf", HFEngine(
+        config.base,
+        threads=config.threads,
+        compile=config.compile,
+        **options,  # type: ignore[arg-type]
+    )

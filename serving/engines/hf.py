@@ -62,12 +62,13 @@ class HFEngine:
         max_rank: int = 16,
         max_queue: int = 256,
         threads: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.max_rank, self.adapter_slots = max_rank, adapter_slots
         self.dtype_name = resolve_dtype(dtype)  # registry/hardware.py
         self.dtype = torch.bfloat16 if self.dtype_name == "bf16" else torch.float32
-        self._threads = threads
+        self._threads, self._compile = threads, compile
         self.rows: list[Row] = []
         self.max_batch_seen = 0  # largest decode batch so far (tests, metrics)
         self._pending: deque[Queued] = deque()
@@ -103,7 +104,7 @@ class HFEngine:
         eos = config.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or ())
         self.slots = AdapterSlots(model, self.adapter_slots, self.max_rank)
-        self.rows_model = RowModel(model, self.max_batch, self.max_len)
+        self.rows_model = RowModel(model, self.max_batch, self.max_len, self._compile)
         self.vocab_size = self.rows_model.vocab_size  # the logits' width
         self.choice = TokenChoice(base_dir, self.vocab_size, self.eos_ids, self.max_len)
 
@@ -325,8 +326,13 @@ class HFEngine:
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
         ids = torch.tensor([[r.last_token] for r in rows])
         positions = torch.tensor([[r.length] for r in rows])
-        self.slots.set_rows([r.slot for r in rows], self.dtype)
+        slots = [r.slot for r in rows]
+        if self._compile and len(rows) == 1 < self.max_batch:  # row 1 is free: a batch of
+            # two reuses the compiled step, where one would compile its own (size 1 is special)
+            ids, positions, slots = ids.repeat(2, 1), positions.repeat(2, 1), slots * 2
+        self.slots.set_rows(slots, self.dtype)
         logits, _ = self.rows_model.forward(ids, positions, None)
+        logits = logits[: len(rows)]
         for row in rows:
             row.length += 1
         self._advance(rows, logits)

@@ -56,9 +56,8 @@ class Routes:
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # (batch, 1, k * R) or None: base only
-        self.rows: torch.Tensor | None = None  # rows of A_all/B_all in use; None: all
-        # Changes when the slots in use or any slot's weights change: the gathered
-        # matrices each layer keeps are valid while it does not.
+        # Changes when any slot's weights change: the gathered matrices each layer keeps
+        # are then stale and `AdapterSlots.set_rows` gathers them again.
         self.version = 0
 
 
@@ -90,37 +89,40 @@ class RoutedLoRALinear(nn.Module):
         self.fused_bias: torch.Tensor | None = None
         if base.bias is not None:
             self.fused_bias = torch.cat([base.bias.detach(), base.bias.new_zeros(slots * max_rank)])
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None  # version, A, B
+        # A and B rows of the slots in use (set by `gather`); None: every slot is in use.
+        self.gathered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def lora_a(self) -> torch.Tensor:
         """A_all (slots * R, in): the rows of `fused` under the base weight."""
         return self.fused[self.base.out_features :]
 
-    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B rows of the slots in use, kept while the routing's version holds."""
-        version, rows = self.routes.version, self.routes.rows
-        if self._gathered is None or self._gathered[0] != version:
-            assert rows is not None
-            a, b = self.lora_a.index_select(0, rows), self.lora_b.index_select(0, rows)
-            self._gathered = (version, a, b)
-        return self._gathered[1], self._gathered[2]
+    def gather(self, rows: torch.Tensor | None) -> None:
+        """Keep the A and B rows `rows` (those of the slots in use); None: all of them."""
+        if rows is None:
+            self.gathered = None
+        else:
+            self.gathered = (self.lora_a.index_select(0, rows), self.lora_b.index_select(0, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reads tensors and None-ness only (no counters, no caches filled here), so a
+        # compiled decode step (serving/engines/row_model.py) keeps one graph per routing kind.
         mask = self.routes.mask
         if mask is None:
             return self.base(x)  # type: ignore[no-any-return]
         n = self.base.out_features
-        if self.routes.rows is None:  # every slot: base and x @ A_all.T in one matmul
+        if self.gathered is None:  # every slot: base and x @ A_all.T in one matmul
             both = F.linear(x, self.fused, self.fused_bias)
             out, h, b = both[..., :n], both[..., n:], self.lora_b
         else:  # some slots: their rows of A_all and B_all only
             out = self.base(x)
-            a, b = self.gathered()
+            a, b = self.gathered
             h = torch.matmul(x, a.t())
         # h (batch, seq, k*R): mask keeps each row's slot; then out += h @ B in place
         # (inference only: nothing here keeps a graph). Both are views of 2-D products
         # whose first two dimensions merge, so `view` never copies.
+        if torch.compiler.is_compiling():
+            return out + torch.matmul(h * mask, b)
         h.mul_(mask)
         out.view(-1, n).addmm_(h.view(-1, h.shape[-1]), b)
         return out
@@ -219,6 +221,7 @@ class AdapterSlots:
         self.layers: dict[str, RoutedLoRALinear] = {}
         self._modules = dict(model.named_modules())
         self._used: list[int] = []
+        self._gathered_version = -1  # the routes' version the layers' gathered rows are of
         self._occupied: dict[int, set[str]] = {}  # slot -> modules written
 
     def _layer(self, module: str) -> RoutedLoRALinear:
@@ -261,14 +264,15 @@ class AdapterSlots:
             self.routes.mask = None
             return
         r = self.max_rank
-        if used != self._used:  # other slots than the last pass: gather other rows
-            self._used = used
-            self.routes.version += 1
-            if len(used) == self.slots:
-                self.routes.rows = None
-            else:
+        # Other slots than the last pass, or new weights in one: gather the rows again.
+        if used != self._used or self._gathered_version != self.routes.version:
+            self._used, self._gathered_version = used, self.routes.version
+            rows = None
+            if len(used) < self.slots:
                 starts = torch.tensor(used) * r
-                self.routes.rows = (starts[:, None] + torch.arange(r)).reshape(-1)
+                rows = (starts[:, None] + torch.arange(r)).reshape(-1)
+            for layer in self.layers.values():
+                layer.gather(rows)
         position = {slot: i for i, slot in enumerate(used)}
         at = torch.tensor([-1 if s is None else position[s] for s in slots])
         mask = torch.arange(len(used) * r).div(r, rounding_mode="floor")[None, :] == at[:, None]

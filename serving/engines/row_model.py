@@ -32,9 +32,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo import config as dynamo_config
+from torch.fx.experimental import _config as shape_config
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
+from registry.hardware import usable_cores
 from serving.errors import NotServable
 
 ATTENTION = "lorafleet_rows"
@@ -198,14 +201,28 @@ AttentionInterface.register(ATTENTION, row_attention)
 class RowModel:
     """One causal LM over a RowCache; `forward` is one prefill or one decode step."""
 
-    def __init__(self, model: Any, max_batch: int, max_len: int) -> None:
+    def __init__(self, model: Any, max_batch: int, max_len: int, compiled: bool = False) -> None:
         model.set_attn_implementation(ATTENTION)
         self.model = model
+        # The decode step through inductor, shapes dynamic: one graph per routing kind of
+        # the adapter layers (lora_slots.py) and torch thread count, which dynamo guards on.
+        # Prefills stay eager (their widths vary; each is one pass per request).
+        self._decode = model
+        if compiled:
+            limit = 3 * usable_cores() + 2  # kinds x thread counts, and a margin
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+            # Sizes that happen to be equal (batch 8 and a mask of 8 columns) stay apart:
+            # with duck shapes their equality is guarded, and a batch size would recompile.
+            shape_config.use_duck_shape = False
+            self._decode = torch.compile(model, dynamic=True)
         self.cache = RowCache(max_batch, max_len)
         self._keep: torch.Tensor | None = None  # (positions, 2): row, position
         self._last_step: Step | None = None  # the warm-up reads which layers it reached
         model.base_model.register_forward_hook(self._keep_hidden)
         self._warm_up()
+        if compiled and max_batch > 1:  # compile the base model's step now, not at a request
+            two = torch.ones((2, 1), dtype=torch.long)
+            self.forward(two, torch.tensor([[1], [2]]), None)
 
     def _keep_hidden(self, _module: Any, _args: Any, output: Any) -> Any:
         """The base model's output, cut down to the positions the head must score."""
@@ -274,6 +291,7 @@ class RowModel:
         `full_rows` (prefill only; indices into this batch) also returns the logits of every
         real prompt position of those rows, packed row after row (tokens, vocab)."""
         batch, steps = ids.shape
+        run = self.model if prefill is not None else self._decode
         if prefill is None:
             step = Step(0, None, positions[:, 0], 1)
             last = torch.stack([torch.arange(batch), torch.zeros(batch, dtype=torch.long)], 1)
@@ -290,7 +308,7 @@ class RowModel:
             keep = torch.cat([last, torch.stack([rows, cols], 1)])
         self.cache.step, self._keep, self._last_step = step, keep, step
         try:
-            out = self.model(
+            out = run(
                 input_ids=ids,
                 position_ids=positions,
                 past_key_values=self.cache,
