@@ -39,7 +39,8 @@ class Setup:
     rank: int = 8
     repeats: int = 3
     engine: str = "hf"
-    compile: bool = False  # the hf engine compiles its decode step (serve --compile)
+    compile: bool = False  # the hf engine compiles its decode step (serve --compile
+    # --threads CORES)
 
     def as_dict(self, **changes: Any) -> dict[str, Any]:
         return {**asdict(self), **changes}
@@ -281,7 +282,11 @@ def serving(
 
 
 def serve_args(setup: Setup, *, slots: int | None = None, engine: str | None = None) -> list[str]:
-    compiled = ["--compile"] if setup.compile and (engine or setup.engine) == "hf" else []
+    compiled: list[str] = []
+    if setup.compile and (engine or setup.engine) == "hf":
+        # Threads fixed at every core, as the peers run: a count the tuner tries would be
+        # one more compile of each routing kind, inside a measured round.
+        compiled = ["--compile", "--threads", str(os.cpu_count() or 1)]
     return [
         *compiled,
         "--engine",

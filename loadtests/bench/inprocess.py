@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ def engine_rounds(
         adapter_slots=setup.adapters,
         max_rank=setup.rank,
         compile=setup.compile,
+        threads=(os.cpu_count() or 1) if setup.compile else None,  # as common.serve_args
     )
     for name, path in adapter_paths(home, names).items():
         engine.load_adapter(f"{name}@1", path)

@@ -167,14 +167,16 @@ def traffic(names: list[str], streams: int) -> dict[str, list[str]]:
 def measure(
     url: str, loads: dict[str, list[str]], setup: Setup, fields: Any = None
 ) -> dict[str, list[float]]:
-    """tok/s of each traffic, interleaved, `setup.repeats` times after one warm-up round.
+    """tok/s of each traffic, interleaved, `setup.repeats` times after a warm-up round of
+    each (a compiled lorafleet step compiles each routing kind at its first step).
     `fields(model)` adds a server's own request fields."""
     texts = prompts(setup.streams)
 
     def extras(models: list[str]) -> list[dict[str, Any]]:
         return [{"ignore_eos": True, **(fields(m) if fields else {})} for m in models]
 
-    http_round(url, loads["mixed"], texts, 8, extras=extras(loads["mixed"]))
+    for models in loads.values():
+        http_round(url, models, texts, 8, extras=extras(models))
     values: dict[str, list[float]] = {side: [] for side in loads}
     for _ in range(setup.repeats):
         for side, models in loads.items():

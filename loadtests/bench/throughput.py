@@ -60,6 +60,8 @@ def http_figures(
     rounds: dict[str, list[Round]] = {"mixed": [], "base-only": []}
     with serving(base, home, *serve_args(setup)) as server:
         http_round(server.url, mixed, texts, 8)  # warm-up: every adapter loaded
+        # and some slots (the sweeps' traffic): a compiled step compiles each kind once
+        http_round(server.url, mixed_models(names, setup.streams, 1), texts, 8)
         for _ in range(setup.repeats):
             for side, models in (("mixed", mixed), ("base-only", base_only)):
                 r = http_round(server.url, models, texts, setup.new_tokens)
