@@ -11,9 +11,8 @@ engine: why it is written by hand" (measured on 2 cores). This engine runs a sma
 - New requests are admitted between decode steps (prefilled together in one right-padded
   forward pass, then they join the next decode step), so requests for different adapters
   and the base share forward passes.
-- Adapters are routed per row by `lora_slots` (stacked A/B, one mask per step).
-- The dtype (`auto`: bf16 only where the CPU computes it natively) and the engine thread's
-  torch threads (adapted to the CPU's load unless fixed) come from registry/hardware.py.
+- Adapters are routed per row by `lora_slots` (stacked A/B, one mask per step). The dtype
+  and the engine thread's torch threads come from registry/hardware.py.
 - Each row's next token is chosen from the step's logits by serving/engines/token_choice.py:
   greedy rows that shape nothing take theirs from one argmax over the batch; only the rows
   with penalties, bias, sampling or a grammar pay for `sampling.Shaping`, and only the rows
@@ -40,7 +39,7 @@ from registry.hardware import ThreadTuner, resolve_dtype
 from serving.engines import seam
 from serving.engines.heads import Classifications, refuse, run_classifications
 from serving.engines.lora_slots import AdapterSlots, read_adapter
-from serving.engines.row_model import RowModel
+from serving.engines.row_model import RowModel, prefill_groups
 from serving.engines.seam import GenerationRequest, OnEvent, TokenEvent
 from serving.engines.token_choice import Queued, Row, TokenChoice, compact
 from serving.errors import EngineStopped, NoFreeSlot, NotServable, Overloaded
@@ -293,19 +292,20 @@ class HFEngine:
         return self.choice.prepare(queued, slot)
 
     def _prefill(self, admitted: list[Queued]) -> None:
-        """Prefill newly admitted prompts together (right-padded, one forward pass); they
-        take rows after the running ones and join the next decode step. A request with
-        max_new_tokens 0 ends here with its prompt log-probabilities."""
+        """Prefill new prompts, like lengths together (right-padded, a pass per group of
+        row_model.prefill_groups), into rows after the running ones, for the next decode
+        step. A request with max_new_tokens 0 ends here with its prompt log-probabilities."""
         rows = [row for row in map(self._admit, admitted) if row is not None]
-        if not rows:
-            return
+        for group in prefill_groups([row.length for row in rows]):
+            self._prefill_pass([rows[i] for i in group])
+
+    def _prefill_pass(self, rows: list[Row]) -> None:
         first = len(self.rows)
         self.rows.extend(rows)
         lengths = torch.tensor([r.length for r in rows])
-        width = int(lengths.max())
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : row.length] = torch.tensor(row.request.prompt_ids)
+        prompts = [torch.tensor(r.request.prompt_ids, dtype=torch.long) for r in rows]
+        ids = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)  # right-padded, 0
+        width = ids.shape[1]
         self.slots.set_rows([r.slot for r in rows], self.dtype)
         positions = torch.arange(width).expand(len(rows), width)
         scored = [i for i, r in enumerate(rows) if r.request.params.prompt_logprobs is not None]

@@ -198,6 +198,27 @@ def row_attention(
 AttentionInterface.register(ATTENTION, row_attention)
 
 
+def prefill_groups(lengths: list[int], pass_cost: int = 16) -> list[list[int]]:
+    """Indices of `lengths` split into groups of like lengths, each prefilled in one
+    right-padded pass: the split minimises the padded tokens plus `pass_cost` tokens per
+    pass (what a pass costs besides its tokens; 32 prompts of 26-43 tokens: 4 passes, 0.60
+    s, against 0.76 s in one pass over 1376 padded tokens, bf16 on 2 cores)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sorted_lengths = [lengths[i] for i in order]
+    cost = [0] + [0] * len(order)  # cost[j]: best split of the j shortest
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        # a group i..j-1 pads to its longest, the j-th shortest
+        cost[j], cut[j] = min(
+            (cost[i] + (j - i) * sorted_lengths[j - 1] + pass_cost, i) for i in range(j)
+        )
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
 class RowModel:
     """One causal LM over a RowCache; `forward` is one prefill or one decode step."""
 

@@ -163,3 +163,15 @@ def test_queue_bound_and_slots(tiny_base: Path, adapters: dict[str, Path]) -> No
         assert engine.resident() == ["b@1"]
     finally:
         engine.shutdown()
+
+
+def test_prefill_groups_split_prompts_of_unlike_lengths() -> None:
+    from serving.engines.row_model import prefill_groups
+
+    lengths = [40, 3, 3, 41, 3, 39]
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[3, 3, 3], [39, 40, 41]]
+    assert prefill_groups([30] * 10) == [list(range(10))]  # equal lengths: one pass
+    assert prefill_groups([30, 31], pass_cost=16) == [[0, 1]]  # a pass costs more than 1 pad
+    assert prefill_groups([]) == []
