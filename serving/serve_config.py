@@ -39,10 +39,10 @@ class ServeConfig(BaseModel):
     """torch threads of the hf engine; unset: every core, fewer while other processes keep
     one busy (measured as the engine runs)."""
     compile: bool = False
-    """Run the hf engine's decode step through torch.compile (inductor): 1.2-1.3x the decode
-    speed on a 2-core AMX CPU, at the cost of a compile of 15-60 s on 2 cores at start and
-    at the first step of each routing (base only, some adapter slots, every slot) and
-    thread count (docs/performance.md)."""
+    """Run the hf engine's decode step through torch.compile (inductor): a step ~1.27x as
+    fast (2 cores, bf16), for a compile of 20-90 s on 2 cores at start and at the first
+    step of each routing (base only, some adapter slots, every slot) and thread count;
+    fix --threads to keep the tuner's trials from compiling (docs/architecture.md)."""
     max_adapters: int = Field(8, ge=1, le=1024)
     """Adapter versions resident at once (engine slots)."""
     max_rank: int = Field(16, ge=1, le=1024)
