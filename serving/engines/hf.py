@@ -8,8 +8,8 @@ engine: why it is written by hand" (measured on 2 cores). This engine runs a sma
 - KV lives in preallocated buffers, per layer (max_batch, kv_heads, max_len, head_dim). Active
   requests occupy rows 0..n-1; a finished row is refilled by moving the last row into it, so
   the decode step attends over plain views `[:n, :, :L]`, never a gather.
-- New requests are admitted between decode steps (prefilled together in one right-padded
-  forward pass, then they join the next decode step), so requests for different adapters
+- New requests are admitted between decode steps (prefilled in right-padded passes of like
+  lengths, then they join the next decode step), so requests for different adapters
   and the base share forward passes.
 - Adapters are routed per row by `lora_slots` (stacked A/B, one mask per step). The dtype
   and the engine thread's torch threads come from registry/hardware.py.

@@ -118,8 +118,9 @@ class RoutedLoRALinear(nn.Module):
             out = self.base(x)
             a, b = self.gathered
             h = torch.matmul(x, a.t())
-        # h (batch, seq, k*R): mask keeps each row's slot; then out += h @ B in place
-        # (inference only: nothing here keeps a graph). Both are views of 2-D products
+        # h (batch, seq, k*R): mask keeps each row's slot. A compiled step adds h @ B out of
+        # place (faster there, loadtests/NOTES.md); eager adds it in place (inference
+        # only: nothing here keeps a graph). Both h and out are views of 2-D products
         # whose first two dimensions merge, so `view` never copies.
         if torch.compiler.is_compiling():
             return out + torch.matmul(h * mask, b)

@@ -23,6 +23,8 @@ and how attention reads them:
 
 A warm-up pass at load checks that every layer went through the cache and the attention
 function; a model that does not is refused (NotServable) instead of served wrongly.
+`compiled` (serve --compile) runs decode steps through torch.compile, and `prefill_groups`
+splits a prefill into passes of like lengths (docs/architecture.md on both).
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ class RowModel:
         self.model = model
         # The decode step through inductor, shapes dynamic: one graph per routing kind of
         # the adapter layers (lora_slots.py) and torch thread count, which dynamo guards on.
-        # Prefills stay eager (their widths vary; each is one pass per request).
+        # Prefills stay eager (their widths vary, and a request has only one).
         self._decode = model
         if compiled:
             limit = 3 * usable_cores() + 2  # kinds x thread counts, and a margin
